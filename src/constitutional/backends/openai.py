@@ -1,0 +1,346 @@
+"""The `openai` back end: any OpenAI-compatible *completions* server.
+
+vLLM's, llama.cpp's and TGI's servers and hosted APIs all speak `POST {base_url}/completions`.
+Generation sends one request per prompt; option scoring sends one request per (prompt, option)
+with `echo` + `logprobs` and sums the echoed log-probabilities of the option's tokens. Requests run
+on a thread pool bounded by `max_concurrency` over one pooled `httpx.Client`, and transient
+failures (429, 5xx, timeouts, dropped connections) are retried with jittered exponential backoff.
+
+The API key is read from an environment variable, sent only in the Authorization header, and kept
+out of reprs, logs and error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+import httpx
+
+from constitutional.backends.base import Backend, SamplingParams, cut_at_stop
+from constitutional.errors import UserError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# The OpenAI API rejects more than 4 stop strings; the rest are honoured by cutting client-side.
+MAX_SERVER_STOPS = 4
+# Server error text quoted in our messages is cut to this many characters (one readable line).
+MAX_ERROR_CHARS = 300
+
+
+class OpenAIBackend(Backend):
+    """A model served by an OpenAI-compatible completions endpoint.
+
+    Attributes:
+        model_id: "openai:{base_url}:{model}", the key the generation cache uses.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+    ):
+        """Set up the HTTP client; no request is sent until the first call.
+
+        Args:
+            model: the model name the server knows (sent as `model` in every request).
+            base_url: the API root, e.g. "http://127.0.0.1:8000/v1"; `/completions` is appended.
+            api_key: bearer token, or None for servers that need none (local vLLM, llama.cpp).
+            max_concurrency: the most requests in flight at once.
+            timeout_s: connect/read/write/pool timeout of one request, in seconds.
+            max_retries: retries after the first attempt on 429, 5xx, timeouts and connection errors.
+            backoff_initial_s: the first retry's delay; it doubles each retry.
+            backoff_max_s: the longest backoff delay (a server's Retry-After still wins).
+        """
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.model_id = f"openai:{self.base_url}:{model}"
+        # Private, and only ever placed in the client's headers: never formatted into text.
+        self._api_key = api_key or None
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        # One pooled connection per worker thread, so no request waits for a free connection.
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+
+    def __repr__(self) -> str:
+        # Spelled out so that no attribute holding the key can ever leak into a repr.
+        return (
+            f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
+            f"max_concurrency={self.max_concurrency}, authenticated={self._api_key is not None})"
+        )
+
+    # ----------------------------------------------------------------------------- public API
+
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[str]:
+        """Complete each prompt with one `/completions` request.
+
+        Args:
+            prompts: raw prompt strings.
+            params: sampling parameters shared by the batch.
+            seeds: one seed per prompt (default 0 for all), sent as the request's `seed`.
+
+        Returns:
+            One completion per prompt, in input order, cut before the first of *all* stop strings.
+        """
+        seeds = [0] * len(prompts) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        bodies = [self._generation_body(prompt, params, seed) for prompt, seed in zip(prompts, seeds)]
+        texts = self._map(lambda body: _first_choice(self._post_completions(body))["text"], bodies)
+        return [cut_at_stop(text, params.stop) for text in texts]
+
+    def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """Summed log-probabilities of each option after each prompt, from echoed prompt log-probs.
+
+        Args:
+            prompts: N prompt strings.
+            options: K continuation strings, e.g. [" (A)", " (B)"].
+
+        Returns:
+            N lists of K floats.
+
+        Raises:
+            RuntimeError: the server returned no log-probabilities (it must support `echo` with
+                `logprobs` on /completions, as vLLM does).
+        """
+        pairs = [(prompt, option) for prompt in prompts for option in options]
+        flat = self._map(lambda pair: self._score_one(*pair), pairs)
+        k = len(options)
+        return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        """Close the HTTP client and its pooled connections."""
+        self._client.close()
+
+    # ----------------------------------------------------------------------------- requests
+
+    def _generation_body(self, prompt: str, params: SamplingParams, seed: int) -> dict[str, Any]:
+        """The JSON body of one generation request."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": int(seed),
+        }
+        stops = [marker for marker in params.stop if marker][:MAX_SERVER_STOPS]
+        if stops:
+            body["stop"] = stops
+        if params.min_new_tokens > 0:
+            # A vLLM extension; other servers may ignore or reject it, so only send it when asked.
+            body["min_tokens"] = params.min_new_tokens
+        return body
+
+    def _score_one(self, prompt: str, option: str) -> float:
+        """Log-probability of `option` after `prompt`, from one echo request."""
+        body = {
+            "model": self.model,
+            "prompt": prompt + option,
+            # Not every server accepts max_tokens=0; the one generated token is ignored below.
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": 1,
+            "temperature": 0.0,
+        }
+        logprobs = _first_choice(self._post_completions(body)).get("logprobs")
+        return _sum_span_logprobs(logprobs, len(prompt), len(prompt) + len(option), self.base_url)
+
+    def _map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """Apply `function` to every item on at most `max_concurrency` threads; results in order."""
+        if not items:
+            return []
+        if len(items) == 1 or self.max_concurrency == 1:
+            return [function(item) for item in items]
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)))
+        try:
+            futures = [pool.submit(function, item) for item in items]
+            return [future.result() for future in futures]
+        finally:
+            # On the first failure, drop the queued requests instead of sending (and retrying)
+            # them all against a server that just refused one; those in flight finish.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _post_completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST one request to `/completions`, retrying transient failures.
+
+        Raises:
+            UserError: the server rejected the request (4xx other than 429): not retried, since
+                sending it again cannot help (wrong model name, bad key, prompt too long, ...).
+            RuntimeError: retries exhausted, or the server answered with something that is not a
+                completions response.
+        """
+        url = f"{self.base_url}/completions"
+        attempts = self.max_retries + 1
+        last_error = ""
+        for attempt in range(attempts):
+            retry_after: float | None = None
+            try:
+                response = self._client.post(url, json=body)
+            except httpx.TransportError as error:  # includes httpx.TimeoutException
+                last_error = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 429 or response.status_code >= 500:
+                    last_error = f"HTTP {response.status_code}: {self._error_text(response)}"
+                    retry_after = _retry_after_seconds(response)
+                elif response.status_code >= 400:
+                    raise UserError(
+                        f"{url} rejected the request with HTTP {response.status_code}: "
+                        f"{self._error_text(response)}"
+                    )
+                else:
+                    return _json_body(response, url)
+            if attempt + 1 < attempts:
+                delay = retry_after if retry_after is not None else self._backoff_s(attempt)
+                log.warning(
+                    "%s failed (%s); retry %d/%d in %.2fs", url, last_error, attempt + 1, self.max_retries, delay
+                )
+                time.sleep(delay)
+        raise RuntimeError(f"{url} failed after {attempts} attempts; last error: {last_error}")
+
+    def _backoff_s(self, attempt: int) -> float:
+        """Exponential backoff with jitter for retry number `attempt` (0-based)."""
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2**attempt)
+        # "Equal jitter": keeps at least half the delay but spreads threads that failed together,
+        # so they do not hit a recovering server in lockstep.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _error_text(self, response: httpx.Response) -> str:
+        """The server's error message on one line, truncated, with the API key masked."""
+        try:
+            data = response.json()
+            error = data.get("error", data) if isinstance(data, dict) else data
+            message = error.get("message", error) if isinstance(error, dict) else error
+            text = message if isinstance(message, str) else json.dumps(message)
+        except ValueError:
+            text = response.text
+        # Some servers quote (part of) the key they rejected; never let it reach logs or errors.
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _one_line(text) or response.reason_phrase or "(no message)"
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _json_body(response: httpx.Response, url: str) -> dict[str, Any]:
+    """The response's JSON object, or a RuntimeError quoting what came back instead."""
+    try:
+        data = response.json()
+    except ValueError:
+        raise RuntimeError(f"{url} returned a response that is not JSON: {_one_line(response.text)!r}") from None
+    if not isinstance(data, dict):
+        raise RuntimeError(f"{url} returned JSON that is not an object: {_one_line(json.dumps(data))!r}")
+    return data
+
+
+def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
+    """`choices[0]` of a completions response, or a RuntimeError saying what is missing."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RuntimeError(f"completions response has no choices: {_one_line(json.dumps(data))!r}")
+    return choices[0]
+
+
+def _sum_span_logprobs(logprobs: Any, start: int, end: int, base_url: str) -> float:
+    """Sum the log-probs of echoed tokens covering characters [start, end) of the echoed text.
+
+    Args:
+        logprobs: `choices[0]["logprobs"]` of an echo request (`text_offset`, `token_logprobs`).
+        start: len(prompt), where the option begins.
+        end: len(prompt + option), where the option ends and the one generated token begins.
+        base_url: named in the error message.
+
+    Returns:
+        The summed log-probability of the option's tokens.
+    """
+    offsets = logprobs.get("text_offset") if isinstance(logprobs, dict) else None
+    values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    if not offsets or not values or len(offsets) != len(values):
+        raise RuntimeError(
+            f"the server at {base_url} returned no prompt log-probabilities: option scoring needs a "
+            "server that supports `echo: true` with `logprobs` on /completions (vLLM does)"
+        )
+    total = 0.0
+    for i, (offset, value) in enumerate(zip(offsets, values)):
+        token_end = offsets[i + 1] if i + 1 < len(offsets) else float("inf")
+        # A token that starts before `start` but ends after it is included: tokenisation may merge
+        # the prompt's last characters with the option's first (e.g. "?" + " (" into one token).
+        # Tokens from `end` on are the generated token, excluded.
+        if offset < end and token_end > start:
+            if value is None:
+                # Servers give no log-prob for the very first token (nothing to condition on).
+                raise RuntimeError(f"the server at {base_url} returned no log-probability for the token at {offset}")
+            total += float(value)
+    return total
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    """The Retry-After header in seconds, or None when absent or not a number (an HTTP date)."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace and truncate to MAX_ERROR_CHARS."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+# --------------------------------------------------------------------------------- registry entry
+
+
+def load(model_name: str, config: Any) -> OpenAIBackend:
+    """Build the back end from `config.openai`, the key from the environment.
+
+    Args:
+        model_name: the model's name as the server knows it.
+        config: a `constitutional.config.Config`; its `openai` section holds the settings.
+
+    Returns:
+        An OpenAIBackend. Without the key's variable set, requests carry no Authorization header
+        (local servers need none).
+    """
+    settings = config.openai
+    return OpenAIBackend(
+        model=model_name,
+        base_url=settings.base_url,
+        api_key=os.environ.get(settings.api_key_env) or None,
+        max_concurrency=settings.max_concurrency,
+        timeout_s=settings.timeout_s,
+        max_retries=settings.max_retries,
+        backoff_initial_s=settings.backoff_initial_s,
+        backoff_max_s=settings.backoff_max_s,
+    )

@@ -1,0 +1,113 @@
+"""The `cai` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from constitutional import __version__
+from constitutional.errors import UserError
+from constitutional.stages import BUILT, ORDER
+
+DESCRIPTION = """\
+Constitutional AI (Bai et al. 2022) end to end: a written constitution instead of human
+harmlessness labels.
+
+Stages, in order: critique (answer red-team prompts, critique and revise them against
+sampled principles), sl (fine-tune the pretrained model on the revisions), pairs (sample two
+answers per prompt), feedback (AI preference labels), pm (preference model), rl (PPO against the
+PM), eval. Built so far: {built}.
+"""
+
+EPILOG = """\
+examples:
+  cai run configs/quickstart.yaml
+  cai run configs/quickstart.yaml --run-dir runs/try2 --set critique.rounds=2 --set data.max_red_team=8
+  cai run my.yaml --stages critique --set models.helpful=./my-model --set models.helpful.backend=openai
+
+Interrupt a run at any point and run the same command again: finished work is kept and the run
+continues where it stopped. Bad input exits with code 2 and a one-line message.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cai",
+        description=DESCRIPTION.format(built=", ".join(BUILT)),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"constitutional {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline's stages for a config",
+        description="Run the stages of CONFIG in order, skipping those already done and resuming one that was interrupted.",
+    )
+    run.add_argument("config", metavar="CONFIG", help="a YAML config, e.g. configs/quickstart.yaml")
+    run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<config name>)")
+    run.add_argument(
+        "--stages", metavar="LIST", help=f"comma-separated subset of: {', '.join(ORDER)} (default: all built)"
+    )
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set critique.rounds=2 (repeatable)",
+    )
+
+    prepare = commands.add_parser(
+        "prepare-model",
+        help="convert a model (default: the embedded one) into the local cache ahead of a run",
+    )
+    prepare.add_argument("model", nargs="?", default="embedded", help="embedded, a .gguf file, a directory or a hub id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse arguments, run, map bad input to exit code 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "run":
+            return command_run(args)
+        return command_prepare_model(args)
+    except UserError as error:
+        print(f"cai: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cai: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from constitutional.config import load_config
+    from constitutional.pipeline import parse_stages, run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    stages = parse_stages(args.stages)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    run = run_pipeline(config, run_dir, stages)
+    print(f"done: {run.root} ({', '.join(stages)})")
+    return 0
+
+
+def command_prepare_model(args: argparse.Namespace) -> int:
+    from constitutional.models import local_weights_dir, resolve_model_name
+
+    path = local_weights_dir(resolve_model_name(args.model, os.getcwd()))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Transcript rendering, few-shot templates and output clean-up.
+
+A base model has no chat template, so we render conversations in the paper's plain format:
+
+    Human: ...
+
+    Assistant: ...
+
+    CritiqueRequest: ...
+
+    Critique:
+
+and let the model continue after the last label. A chat model is given its own template instead
+(`prompt_format: chat`), with critique and revision requests as user turns.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from constitutional.backends.base import Backend
+from constitutional.errors import UserError
+
+# Turn roles and the label each carries in the paper's plain transcripts.
+PLAIN_LABELS = {
+    "human": "Human",
+    "assistant": "Assistant",
+    "critique_request": "CritiqueRequest",
+    "critique": "Critique",
+    "revision_request": "RevisionRequest",
+    "revision": "Revision",
+}
+# In a chat template, requests are the user's turns and the model's outputs are the assistant's.
+CHAT_ROLES = {
+    "human": "user",
+    "assistant": "assistant",
+    "critique_request": "user",
+    "critique": "assistant",
+    "revision_request": "user",
+    "revision": "assistant",
+}
+
+# A generated turn ends where the model starts writing the next one. Passed to back ends as stop
+# strings (cheap, stops generation early) and applied again by `trim_at_turn_marker` (robust to
+# markers at the start of the output or without a newline before them).
+STOP_STRINGS = tuple(f"\n{label}:" for label in PLAIN_LABELS.values())
+_TURN_MARKER = re.compile(r"(?:^|\n)[ \t]*(?:" + "|".join(PLAIN_LABELS.values()) + r")[ \t]*:")
+
+Turn = tuple[str, str]  # (role, text)
+
+
+def render_plain(turns: Sequence[Turn], next_role: str, preamble: Sequence[str] = ()) -> str:
+    """Render a plain transcript that ends with the label of the turn the model writes next.
+
+    Args:
+        turns: (role, text) pairs, roles from PLAIN_LABELS.
+        next_role: the role whose label ends the prompt, e.g. "assistant" -> "...\\n\\nAssistant:".
+        preamble: few-shot examples or an instruction block, placed first, separated by blank lines.
+
+    Returns:
+        The prompt string, with no trailing space after the final colon (the model writes it).
+    """
+    parts = [block.strip() for block in preamble if block.strip()]
+    parts += [f"{PLAIN_LABELS[role]}: {text.strip()}" for role, text in turns]
+    parts.append(f"{PLAIN_LABELS[next_role]}:")
+    return "\n\n".join(parts)
+
+
+def render_chat(backend: Backend, turns: Sequence[Turn], next_role: str) -> str | None:
+    """Render with the model's chat template, or None when the model has none.
+
+    Consecutive turns that map to the same chat role (the assistant's answer followed by its
+    critique, for instance) are never produced by our stages: each request is a user turn.
+    """
+    if CHAT_ROLES[next_role] != "assistant":
+        raise ValueError(f"the model writes assistant turns, not {next_role!r}")
+    messages = [{"role": CHAT_ROLES[role], "content": text.strip()} for role, text in turns]
+    return backend.apply_chat_template(messages)
+
+
+def trim_at_turn_marker(text: str) -> str:
+    """Cut a completion where the model starts a new turn ("Human:", "CritiqueRequest:", ...)."""
+    match = _TURN_MARKER.search(text)
+    if match:
+        text = text[: match.start()]
+    return text.strip()
+
+
+def degeneracy(text: str) -> str | None:
+    """Why a generated turn is unusable, or None if it looks fine.
+
+    Returns:
+        "empty" for blank output, "repetitive" for output that loops (a small model's usual
+        failure: the same line or phrase over and over), else None.
+    """
+    if not text.strip():
+        return "empty"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) >= 3 and len(set(lines)) <= len(lines) / 2:
+        return "repetitive"
+    words = text.split()
+    if len(words) >= 16:
+        four_grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        if len(set(four_grams)) < 0.5 * len(four_grams):
+            return "repetitive"
+    return None
+
+
+def render(
+    backend: Backend, prompt_format: str, turns: Sequence[Turn], next_role: str, preamble: Sequence[str] = ()
+) -> str:
+    """Render for `backend` in the configured format (`plain`, `chat` or `auto`).
+
+    `auto` uses the model's chat template when it has one, else the plain transcript. The plain
+    `preamble` (few-shot examples) is left out of chat prompts: a chat model follows the requests
+    without them.
+
+    Raises:
+        UserError: `chat` was asked for but the model has no chat template.
+    """
+    if prompt_format != "plain":
+        chat = render_chat(backend, turns, next_role)
+        if chat is not None:
+            return chat
+        if prompt_format == "chat":
+            raise UserError(f"prompt_format 'chat': model {backend.model_id!r} has no chat template; use 'plain'")
+    return render_plain(turns, next_role, preamble)

@@ -1,0 +1,234 @@
+"""Stage `critique` (paper steps 1-3): answer red-team prompts, then critique and revise.
+
+For every red-team prompt the helpful model writes an answer; then, for `critique.rounds` rounds,
+it critiques its latest answer against a principle sampled from the constitution (a fresh one
+each round) and revises it. Helpfulness prompts are answered once, for the SL mix. Output:
+`data/critiques.jsonl`, one record per prompt.
+
+Prompts move through the rounds in chunks: all prompts of a chunk share each generate call (the
+back end batches them), and a chunk's records are appended as soon as its last round is done.
+With the generation cache, an interrupted chunk costs nothing to redo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from constitutional.backends import Backend, SamplingParams, import_backend, open_backend
+from constitutional.config import Config
+from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution, sample_principles
+from constitutional.models import resolve_model_name
+from constitutional.prompts import STOP_STRINGS, Turn, degeneracy, render, trim_at_turn_marker
+from constitutional.records import RunDir, append_records, read_records
+from constitutional.sources import PromptItem, load_prompts
+
+log = logging.getLogger(__name__)
+
+NAME = "critique"
+OUTPUT = "critiques.jsonl"
+
+
+@dataclass
+class Inputs:
+    """Everything the stage reads, loaded and validated before anything is written."""
+
+    constitution: Constitution
+    red_team: list[PromptItem]
+    helpful: list[PromptItem]
+    assistant_preamble: str
+
+
+def check(config: Config) -> Inputs:
+    """Load and validate the stage's inputs (constitution, prompts, model name); writes nothing."""
+    import_backend(config.backend_for(config.models.helpful))
+    if config.backend_for(config.models.helpful) != "openai":
+        resolve_model_name(config.models.helpful.name, config.base_dir)
+    constitution = load_constitution(config.constitution, config.base_dir)
+    red_team = load_prompts(
+        config.data.red_team, prefix="rt", limit=config.data.max_red_team, base_dir=config.base_dir,
+        builtin="red_team_prompts.jsonl",
+    )
+    helpful = load_prompts(
+        config.data.helpful, prefix="hp", limit=config.data.max_helpful, base_dir=config.base_dir,
+        builtin="helpful_prompts.jsonl",
+    )
+    preamble = resources.files("constitutional").joinpath("assets/assistant_fewshot.txt").read_text("utf-8")
+    return Inputs(constitution, red_team, helpful, preamble)
+
+
+def input_hashes(inputs: Inputs) -> dict[str, str]:
+    """Fingerprints of what the stage read, for the manifest."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+    return {
+        "constitution": digest(repr(inputs.constitution)),
+        "red_team": digest([item.id for item in inputs.red_team]),
+        "helpful": digest([item.id for item in inputs.helpful]),
+    }
+
+
+def run(config: Config, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
+    """Run the stage, resuming from the records already in `data/critiques.jsonl`.
+
+    Returns:
+        Counts for the manifest.
+    """
+    output = run_dir.data(OUTPUT)
+    done = {record["id"] for record in read_records(output, repair=True)}
+    items = [(item, "red_team") for item in inputs.red_team] + [(item, "helpful") for item in inputs.helpful]
+    todo = [(item, kind) for item, kind in items if item.id not in done]
+    log.info("critique: %d prompts, %d already done, %d to go", len(items), len(items) - len(todo), len(todo))
+    if todo:
+        backend = open_backend(config.models.helpful, config, run_dir.root / "cache" / "generations.sqlite")
+        try:
+            writer = CritiqueWriter(config, inputs, backend)
+            with tqdm(total=len(todo), desc="critique", unit="prompt") as bar:
+                for start in range(0, len(todo), config.critique.chunk_size):
+                    chunk = todo[start : start + config.critique.chunk_size]
+                    append_records(output, writer.process(chunk))
+                    bar.update(len(chunk))
+        finally:
+            backend.close()
+    return summarize(read_records(output))
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record counts for the manifest: totals by kind and how many carry flags."""
+    return {
+        "records": len(records),
+        "red_team": sum(record["kind"] == "red_team" for record in records),
+        "helpful": sum(record["kind"] == "helpful" for record in records),
+        "flagged": sum(bool(record["flags"]) for record in records),
+        "without_usable_final_response": sum(not record["final_response"] for record in records),
+    }
+
+
+def seed_for(seed: int, *parts: str) -> int:
+    """A per-request sampling seed derived from the run seed, so results do not depend on batching."""
+    digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class CritiqueWriter:
+    """Carries a chunk of prompts through answer, critique and revision rounds."""
+
+    def __init__(self, config: Config, inputs: Inputs, backend: Backend):
+        self.config = config
+        self.backend = backend
+        self.constitution = inputs.constitution
+        self.assistant_preamble = inputs.assistant_preamble
+        fewshot = inputs.constitution.critique_fewshot
+        self.critique_fewshot = fewshot if config.critique.num_fewshot is None else fewshot[: config.critique.num_fewshot]
+        self.prompt_format = config.models.helpful.prompt_format
+        settings = config.critique
+        self.params = SamplingParams(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            stop=STOP_STRINGS,
+        )
+
+    def process(self, chunk: Sequence[tuple[PromptItem, str]]) -> list[dict[str, Any]]:
+        """Answer every prompt of the chunk, then run the critique-revision rounds on red-team ones.
+
+        Returns:
+            One finished record per prompt, in chunk order.
+        """
+        records = [self._new_record(item, kind) for item, kind in chunk]
+        answers = self._generate(
+            [self._render(item, [], "assistant", [self.assistant_preamble]) for item, _ in chunk],
+            [seed_for(self.config.seed, item.id, "answer") for item, _ in chunk],
+        )
+        for record, answer in zip(records, answers):
+            record["initial_response"] = answer
+            self._flag(record, "initial_response", answer)
+        red_team = [(item, record) for (item, _), record in zip(chunk, records) if record["kind"] == "red_team"]
+        principles = {
+            item.id: sample_principles(
+                self.constitution.critique_principles, self.config.critique.rounds, self.config.seed, item.id
+            )
+            for item, _ in red_team
+        }
+        for round_index in range(self.config.critique.rounds):
+            self._critique_round(red_team, principles, round_index)
+        for record in records:
+            record["final_response"] = _final_response(record)
+            if not record["final_response"]:
+                record["flags"].append("final_response:none")
+        return records
+
+    def _critique_round(
+        self,
+        red_team: list[tuple[PromptItem, dict[str, Any]]],
+        principles: dict[str, list[CritiquePrinciple]],
+        round_index: int,
+    ) -> None:
+        """One round: a critique of each latest answer, then a revision that follows it."""
+        current = [_final_response(record) or record["initial_response"] for _, record in red_team]
+        chosen = [principles[item.id][round_index] for item, _ in red_team]
+        step = str(round_index)
+
+        def conversation(position: int) -> list[Turn]:
+            return [("assistant", current[position]), ("critique_request", chosen[position].critique_request)]
+
+        critiques = self._generate(
+            [self._render(item, conversation(i), "critique", self.critique_fewshot) for i, (item, _) in enumerate(red_team)],
+            [seed_for(self.config.seed, item.id, step, "critique") for item, _ in red_team],
+        )
+        revisions = self._generate(
+            [
+                self._render(
+                    item,
+                    conversation(i) + [("critique", critiques[i]), ("revision_request", chosen[i].revision_request)],
+                    "revision",
+                    self.critique_fewshot,
+                )
+                for i, (item, _) in enumerate(red_team)
+            ],
+            [seed_for(self.config.seed, item.id, step, "revision") for item, _ in red_team],
+        )
+        for (_, record), principle, critique, revision in zip(red_team, chosen, critiques, revisions):
+            position = len(record["revisions"])
+            record["revisions"].append({"principle_id": principle.id, "critique": critique, "revision": revision})
+            self._flag(record, f"revisions[{position}].critique", critique)
+            self._flag(record, f"revisions[{position}].revision", revision)
+
+    def _render(self, item: PromptItem, after_prompt: list[Turn], next_role: str, preamble: Sequence[str]) -> str:
+        """The conversation so far (history, the prompt, then `after_prompt`) ready for `next_role`."""
+        turns = list(item.history) + [("human", item.prompt)] + after_prompt
+        return render(self.backend, self.prompt_format, turns, next_role, preamble)
+
+    def _generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
+        return [trim_at_turn_marker(text) for text in self.backend.generate(prompts, self.params, seeds)]
+
+    @staticmethod
+    def _new_record(item: PromptItem, kind: str) -> dict[str, Any]:
+        record: dict[str, Any] = {"id": item.id, "kind": kind, "prompt": item.prompt}
+        if item.history:
+            record["history"] = [{"role": role, "text": text} for role, text in item.history]
+        record.update(initial_response="", revisions=[], final_response="", flags=[])
+        return record
+
+    @staticmethod
+    def _flag(record: dict[str, Any], field: str, text: str) -> None:
+        problem = degeneracy(text)
+        if problem:
+            record["flags"].append(f"{field}:{problem}")
+
+
+def _final_response(record: dict[str, Any]) -> str:
+    """The latest answer that is not flagged: the last good revision, else the initial answer, else ""."""
+    flagged = {flag.rsplit(":", 1)[0] for flag in record["flags"]}
+    for position in range(len(record["revisions"]) - 1, -1, -1):
+        if f"revisions[{position}].revision" not in flagged:
+            return record["revisions"][position]["revision"]
+    return "" if "initial_response" in flagged else record["initial_response"]

@@ -1,0 +1,145 @@
+"""The `cai` command: help, bad input (one line, exit 2, nothing written), interruption."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import tiny_config_data
+from constitutional.cli import main
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_model_dir):
+    def write(**sections):
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tiny_config_data(tiny_model_dir, tmp_path, **sections)))
+        return path
+
+    return write
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def test_help_reads_well():
+    result = subprocess.run([sys.executable, "-m", "constitutional.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "Constitutional AI" in result.stdout and "critique" in result.stdout and "examples:" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "constitutional.cli", "run", "--help"], capture_output=True, text=True)
+    assert "--stages" in result.stdout and "--set" in result.stdout
+
+
+def test_cai_run_writes_the_run_directory(config_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", "critique.rounds=1"], capsys)
+    assert code == 0, err
+    assert (run_dir / "data" / "critiques.jsonl").exists()
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["critique"]["rounds"] == 1 and resolved["seed"] == 3
+    # A second run with another setting would mix records from two configs: refused.
+    code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", "critique.rounds=2"], capsys)
+    assert code == 2 and "critique.rounds: 1 -> 2" in err
+
+
+def _bad_prompt_file(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["critique.roundz=1"], "unknown config key 'critique.roundz'"),
+        (["backend=tensorrt"], "unknown back end 'tensorrt'"),
+        (["models.helpful=./no-such-model"], "no such file or directory"),
+        (["models.helpful=not a model!"], "not a known model"),
+        (["constitution=./missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(config_file, tmp_path, capsys, overrides, expected):
+    run_dir = tmp_path / "run"
+    args = ["run", str(config_file()), "--run-dir", str(run_dir)]
+    for override in overrides:
+        args += ["--set", override]
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert expected in err and len(err.splitlines()) == 1
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("bad.jsonl", b'{"prompt": "fine"}\n{"prompt": "broken\n', "bad.jsonl:2"),
+        ("empty.txt", b"\n\n", "no prompts"),
+        ("latin1.txt", b"ok line\ncaf\xe9\n", "latin1.txt:2"),
+    ],
+)
+def test_bad_prompt_files_exit_2_naming_file_and_line(config_file, tmp_path, capsys, name, content, expected):
+    path = _bad_prompt_file(tmp_path, name, content)
+    run_dir = tmp_path / "run"
+    code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", f"data.red_team={path}"], capsys)
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_empty_constitution_exits_2(config_file, tmp_path, capsys):
+    constitution = tmp_path / "empty.yaml"
+    constitution.write_text("name: empty\ncritique_principles: []\nfeedback_principles: []\n")
+    run_dir = tmp_path / "run"
+    code, err = run_cli(
+        ["run", str(config_file()), "--run-dir", str(run_dir), "--set", f"constitution={constitution}"], capsys
+    )
+    assert code == 2 and "empty.yaml" in err and "critique_principles" in err
+    assert not run_dir.exists()
+
+
+def test_unknown_or_unbuilt_stage_exits_2(config_file, tmp_path, capsys):
+    code, err = run_cli(["run", str(config_file()), "--run-dir", str(tmp_path / "r"), "--stages", "critque"], capsys)
+    assert code == 2 and "unknown stage 'critque'" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_vllm_without_the_extra_is_a_clear_error(config_file, tmp_path, capsys):
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    code, err = run_cli(["run", str(config_file()), "--run-dir", str(tmp_path / "r"), "--set", "backend=vllm"], capsys)
+    assert code == 2 and "constitutional[vllm]" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_interrupt_marks_the_stage_and_the_same_command_finishes_it(config_file, tmp_path, capsys, monkeypatch):
+    from constitutional.stages import critique
+
+    original = critique.CritiqueWriter.process
+    calls = {"n": 0}
+
+    def interrupted(self, chunk):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, chunk)
+
+    monkeypatch.setattr(critique.CritiqueWriter, "process", interrupted)
+    run_dir = tmp_path / "run"
+    args = ["run", str(config_file()), "--run-dir", str(run_dir)]
+    code, err = run_cli(args, capsys)
+    assert code == 130 and "run the same command again" in err
+    manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["critique"] == {**manifest["stages"]["critique"], "status": "failed", "error": "interrupted"}
+    monkeypatch.setattr(critique.CritiqueWriter, "process", original)
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["critique"]["status"] == "done"
+    assert manifest["stages"]["critique"]["counts"]["records"] == 7

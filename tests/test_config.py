@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from constitutional.config import Config, apply_override, config_from_dict, load_config
+from constitutional.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_loads_and_names_every_key():
+    config = load_config(REPO / "configs" / "quickstart.yaml")
+    assert config.models.helpful.name == "embedded"
+    assert config.critique.rounds >= 1
+    assert config.base_dir == str((REPO / "configs").resolve())
+
+
+def test_overrides_parse_yaml_values_and_promote_model_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  helpful: embedded\n")
+    config = load_config(path, ["critique.rounds=3", "critique.temperature=0.5", "models.helpful.backend=openai",
+                                "data.max_red_team=null"])
+    assert config.critique.rounds == 3
+    assert config.critique.temperature == 0.5
+    assert config.models.helpful.name == "embedded"
+    assert config.models.helpful.backend == "openai"
+    assert config.backend_for(config.models.helpful) == "openai"
+    assert config.data.max_red_team is None
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert config_from_dict({"critique": {"temperature": 1}}).critique.temperature == 1.0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"critique": {"roundz": 2}}, "unknown config key 'critique.roundz'"),
+        ({"nonsense": 1}, "unknown config key 'nonsense'"),
+        ({"critique": {"rounds": "four"}}, "critique.rounds: expected an integer, got 'four'"),
+        ({"critique": {"rounds": True}}, "critique.rounds: expected an integer"),
+        ({"backend": "tensorrt"}, "backend: unknown back end 'tensorrt'"),
+        ({"models": {"helpful": {"backend": "x"}}}, "models.helpful.backend: unknown back end 'x'"),
+        ({"models": {"helpful": {"prompt_format": "fancy"}}}, "models.helpful.prompt_format: expected one of"),
+        ({"critique": {"top_p": 0}}, "critique.top_p"),
+        ({"cache": {"enabled": "yes"}}, "cache.enabled: expected true or false"),
+        ({"critique": 3}, "critique: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict(data)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("critique:\n  rounds: [1,\n")
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"seed: \xff\xfe\n")
+    with pytest.raises(UserError, match="binary.yaml: not valid UTF-8"):
+        load_config(binary)
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(UserError, match="expected key.path=value"):
+        apply_override({}, "critique.rounds")
+
+
+def test_resolved_config_round_trips():
+    config = config_from_dict({"critique": {"rounds": 1}, "models": {"helpful": "x/y"}})
+    again = config_from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert isinstance(again, Config)

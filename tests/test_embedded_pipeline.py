@@ -1,0 +1,32 @@
+"""End-to-end smoke test: `cai run` on the real embedded model (Gemma 3 270M) with a few prompts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.embedded
+def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "constitutional.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
+        "--run-dir", str(run_dir), "--stages", "critique",
+        "--set", "data.max_red_team=3", "--set", "data.max_helpful=2",
+        "--set", "critique.rounds=2", "--set", "critique.max_new_tokens=32",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "data" / "critiques.jsonl").read_text().splitlines()]
+    assert len(records) == 5
+    red_team = [r for r in records if r["kind"] == "red_team"]
+    assert len(red_team) == 3 and all(len(r["revisions"]) == 2 for r in red_team)
+    # A real model writes real text: most answers are neither empty nor loops.
+    assert sum(bool(r["initial_response"]) for r in records) >= 4
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["critique"]["status"] == "done"
+    assert manifest["stages"]["critique"]["counts"]["records"] == 5

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from constitutional.backends import SamplingParams, load_backend
+from constitutional.backends.cache import CachingBackend
+from constitutional.backends.transformers import _length_sorted_batches
+from constitutional.config import config_from_dict
+
+PROMPTS = [
+    "Human: How do I bake bread?\n\nAssistant:",
+    "Hi",
+    "Note: the meeting is at 3:30pm, bring notes. Critique:",
+    "Options: (A) first answer (B) second",
+    "Human: x",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    config = config_from_dict({"transformers": {"dtype": "float32", "batch_size": 3}})
+    return load_backend("transformers", str(tiny_model_dir), config)
+
+
+def test_greedy_and_sampled_outputs_do_not_depend_on_batch_mates(backend):
+    for params in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9)):
+        seeds = [11, 12, 13, 14, 15]
+        batched = backend.generate(PROMPTS, params, seeds)
+        alone = [backend.generate([prompt], params, [seed])[0] for prompt, seed in zip(PROMPTS, seeds)]
+        assert batched == alone
+
+
+def test_seeds_change_samples_and_repeat_exactly(backend):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    first = backend.generate(PROMPTS[:1] * 4, params, [1, 2, 3, 1])
+    assert first[0] == first[3]
+    assert len(set(first[:3])) > 1
+
+
+def test_generation_stops_at_stop_strings_and_min_tokens_forces_length(backend):
+    free = backend.generate(PROMPTS[:1], SamplingParams(max_new_tokens=20))[0]
+    assert len(free) > 2
+    stop = free[1:3]  # a string the greedy output is known to contain
+    cut = backend.generate(PROMPTS[:1], SamplingParams(max_new_tokens=20, stop=(stop,)))[0]
+    assert stop not in cut and free.startswith(cut)
+    before = backend.generated_tokens
+    backend.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6, min_new_tokens=6, stop=(stop,)))
+    assert backend.generated_tokens - before == 12
+
+
+def test_option_scores_match_a_reference_forward_pass(backend):
+    options = [" (A)", " (B)", " maybe"]
+    scores = backend.score_options(PROMPTS, options)
+    tokenizer, model = backend.tokenizer, backend.model
+    for prompt, row in zip(PROMPTS, scores):
+        for option, value in zip(options, row):
+            ids = tokenizer(prompt + option, return_tensors="pt").input_ids
+            start = len(tokenizer(prompt).input_ids)
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            expected = sum(float(log_probs[t - 1, ids[0, t]]) for t in range(start, ids.shape[1]))
+            assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_option_that_tokenises_to_nothing_is_refused(backend):
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        backend.score_options(["Hi"], [""])
+
+
+def test_length_sorted_batches_cover_every_index_once():
+    batches = _length_sorted_batches([3, 9, 1, 7, 5], 2)
+    assert batches == [[1, 3], [4, 0], [2]]
+
+
+def test_cache_answers_repeats_without_the_model(backend, tmp_path):
+    params = SamplingParams(max_new_tokens=5, temperature=0.7)
+    cached = CachingBackend(backend, tmp_path / "cache.sqlite")
+    first = cached.generate(PROMPTS, params, [1, 2, 3, 4, 5])
+    assert (cached.hits, cached.misses) == (0, 5)
+    before = backend.generated_tokens
+    # A new wrapper on the same file: everything is on disk already.
+    reopened = CachingBackend(backend, tmp_path / "cache.sqlite")
+    assert reopened.generate(PROMPTS, params, [1, 2, 3, 4, 5]) == first
+    assert backend.generated_tokens == before and reopened.hits == 5
+    # A different seed or parameter is a different key.
+    reopened.generate(PROMPTS[:1], params, [99])
+    reopened.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, temperature=0.7), [1])
+    assert reopened.misses == 2
+    scores = reopened.score_options(PROMPTS[:2], [" (A)", " (B)"])
+    assert reopened.score_options(PROMPTS[:2], [" (A)", " (B)"]) == scores and reopened.hits == 7
