@@ -87,3 +87,26 @@ def test_cache_answers_repeats_without_the_model(backend, tmp_path):
     assert reopened.misses == 2
     scores = reopened.score_options(PROMPTS[:2], [" (A)", " (B)"])
     assert reopened.score_options(PROMPTS[:2], [" (A)", " (B)"]) == scores and reopened.hits == 7
+
+
+def test_shared_few_shot_prefix_is_computed_once_and_changes_nothing(backend):
+    preamble = "Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, knead, let it rise.\n\n"
+    prompts = [preamble + f"Human: question {i}{'?' * i}\n\nAssistant:" for i in range(4)]
+    token_ids = [backend.tokenizer(prompt)["input_ids"] for prompt in prompts]
+    assert backend._shareable_prefix_length(token_ids) >= 16
+    for params in (SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.8)):
+        batched = backend.generate(prompts, params, [5, 6, 7, 8])
+        alone = [backend.generate([prompt], params, [seed])[0] for prompt, seed in zip(prompts, [5, 6, 7, 8])]
+        assert batched == alone
+
+
+def test_top_p_keeps_the_smallest_nucleus(monkeypatch):
+    from constitutional.backends import transformers as backend_module
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]).log()
+    for candidates in (4, 2):  # 2: the top candidates miss the nucleus in row 2, forcing the full sort
+        monkeypatch.setattr(backend_module, "TOP_P_CANDIDATES", candidates)
+        probabilities, token_ids = backend_module.nucleus(logits, 0.75)
+        kept = [dict(zip(ids.tolist(), p.tolist())) for ids, p in zip(token_ids, probabilities)]
+        assert {k: v for k, v in kept[0].items() if v > 0} == pytest.approx({0: 0.5, 1: 0.3})
+        assert sum(v > 0 for v in kept[1].values()) == 3

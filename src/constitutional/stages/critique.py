@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -89,13 +89,14 @@ def run(config: Config, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
     log.info("critique: %d prompts, %d already done, %d to go", len(items), len(items) - len(todo), len(todo))
     if todo:
         backend = open_backend(config.models.helpful, config, run_dir.root / "cache" / "generations.sqlite")
+        # The bar counts generated turns (answers, critiques, revisions): records only appear at
+        # the end of each chunk, turns show steady progress with a meaningful rate and ETA.
+        turns = sum(1 + 2 * config.critique.rounds if kind == "red_team" else 1 for _, kind in todo)
         try:
-            writer = CritiqueWriter(config, inputs, backend)
-            with tqdm(total=len(todo), desc="critique", unit="prompt") as bar:
+            with tqdm(total=turns, desc="critique", unit="turn") as bar:
+                writer = CritiqueWriter(config, inputs, backend, on_turns=bar.update)
                 for start in range(0, len(todo), config.critique.chunk_size):
-                    chunk = todo[start : start + config.critique.chunk_size]
-                    append_records(output, writer.process(chunk))
-                    bar.update(len(chunk))
+                    append_records(output, writer.process(todo[start : start + config.critique.chunk_size]))
         finally:
             backend.close()
     return summarize(read_records(output))
@@ -121,7 +122,17 @@ def seed_for(seed: int, *parts: str) -> int:
 class CritiqueWriter:
     """Carries a chunk of prompts through answer, critique and revision rounds."""
 
-    def __init__(self, config: Config, inputs: Inputs, backend: Backend):
+    def __init__(
+        self, config: Config, inputs: Inputs, backend: Backend, on_turns: Callable[[int], Any] | None = None
+    ):
+        """
+        Args:
+            config: the run's config.
+            inputs: what `check` loaded.
+            backend: the helpful model.
+            on_turns: called with the number of turns generated after each generate call (progress).
+        """
+        self.on_turns = on_turns or (lambda count: None)
         self.config = config
         self.backend = backend
         self.constitution = inputs.constitution
@@ -208,7 +219,9 @@ class CritiqueWriter:
         return render(self.backend, self.prompt_format, turns, next_role, preamble)
 
     def _generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
-        return [trim_at_turn_marker(text) for text in self.backend.generate(prompts, self.params, seeds)]
+        texts = [trim_at_turn_marker(text) for text in self.backend.generate(prompts, self.params, seeds)]
+        self.on_turns(len(texts))
+        return texts
 
     @staticmethod
     def _new_record(item: PromptItem, kind: str) -> dict[str, Any]:
