@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from constitutional.backends.transformers import load as load_transformers
-from constitutional.config import config_from_dict
+from constitutional.config import load_config
 from constitutional.models import EMBEDDED, local_weights_dir, resolve_model_name
 from constitutional.stages.critique import CritiqueWriter, check
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RecordingBackend:
@@ -53,12 +56,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = config_from_dict({
-        "data": {"max_red_team": args.prompts, "max_helpful": 1},
-        "critique": {"rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "temperature": 0.7,
-                     "top_p": 0.95, "chunk_size": args.prompts, "num_fewshot": 2},
-        "transformers": {"batch_size": args.batch_size},
-    })
+    # The quickstart's settings (sampling, few-shot, dtype), sized by the arguments.
+    config = load_config(REPO / "configs" / "quickstart.yaml", [
+        f"data.max_red_team={args.prompts}", f"critique.rounds={args.rounds}",
+        f"critique.max_new_tokens={args.max_new_tokens}", f"critique.chunk_size={args.prompts}",
+        f"transformers.batch_size={args.batch_size}",
+    ])
     local_weights_dir(resolve_model_name(EMBEDDED))  # convert once, outside the timed load
     started = time.perf_counter()
     backend = load_transformers(EMBEDDED, config)
@@ -89,8 +92,9 @@ def main() -> None:
                 continue
             inputs_ids = tokenizer(prompt, return_tensors="pt").to(model.device)
             output = model.generate(
-                **inputs_ids, max_new_tokens=count, min_new_tokens=count, do_sample=True, temperature=0.7,
-                top_p=0.95, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                **inputs_ids, max_new_tokens=count, min_new_tokens=count, do_sample=True,
+                temperature=config.critique.temperature, top_p=config.critique.top_p, top_k=0,
+                pad_token_id=tokenizer.pad_token_id,
             )
             baseline_tokens += output.shape[1] - inputs_ids["input_ids"].shape[1]
     baseline_seconds = time.perf_counter() - started

@@ -47,11 +47,19 @@ def test_generation_stops_at_stop_strings_and_min_tokens_forces_length(backend):
     assert backend.generated_tokens - before == 12
 
 
-def test_option_scores_match_a_reference_forward_pass(backend):
-    options = [" (A)", " (B)", " maybe"]
-    scores = backend.score_options(PROMPTS, options)
+@pytest.mark.parametrize(
+    "prompts, options",
+    [
+        (PROMPTS, [" (A)", " (B)", " maybe"]),  # options share " (" and a closing ")"
+        (PROMPTS[:2], [" (A)", " (A) and more"]),  # one option is a prefix of the other
+        # a long shared few-shot prefix, and a prompt repeated (the prefix then spans a whole prompt)
+        ([PROMPTS[0] * 3 + " x", PROMPTS[0] * 3 + " y", PROMPTS[0] * 3 + " y"], [" (A)", " (B)"]),
+    ],
+)
+def test_option_scores_match_a_reference_forward_pass(backend, prompts, options):
+    scores = backend.score_options(prompts, options)
     tokenizer, model = backend.tokenizer, backend.model
-    for prompt, row in zip(PROMPTS, scores):
+    for prompt, row in zip(prompts, scores):
         for option, value in zip(options, row):
             ids = tokenizer(prompt + option, return_tensors="pt").input_ids
             start = len(tokenizer(prompt).input_ids)

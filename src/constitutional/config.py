@@ -71,12 +71,72 @@ class CritiqueConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA (PEFT) instead of full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # or a comma-separated list of module names
+    merge: bool = True  # merge the adapter into the weights when saving, so every back end loads it
+
+
+@dataclass
+class SLConfig:
+    """Stage `sl` (paper step 4): supervised fine-tuning of the pretrained model -> SL-CAI."""
+
+    helpful_fraction: float | None = None  # share of helpfulness examples in the mix (None: all there are)
+    epochs: float = 1.0  # the paper: 1 epoch
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"  # the paper: constant learning rate
+    warmup_steps: int = 0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # tokens per example (prompt + response), longer ones are truncated
+    save_steps: int = 50  # checkpoint every N optimizer steps; an interrupted run resumes from the last
+    logging_steps: int = 5
+    report_to: str = "none"  # none | tensorboard | wandb
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class PairsConfig:
+    """Stage `pairs` (paper step 5): SL-CAI samples two answers per red-team prompt."""
+
+    model: str | None = None  # default: the run's models/sl-cai
+    temperature: float = 1.0  # the paper: T = 1
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    chunk_size: int = 32
+
+
+@dataclass
+class FeedbackConfig:
+    """Stage `feedback` (paper step 6): multiple-choice AI preference labels."""
+
+    debias: bool = True  # score both option orders and average (position bias)
+    principles_per_comparison: int = 1  # k > 1: ensemble over k sampled principles, averaged
+    cot: bool = False  # chain-of-thought first, then read the option probabilities
+    cot_max_new_tokens: int = 128
+    clamp_low: float = 0.4  # with chain-of-thought, p_a is clamped to [clamp_low, clamp_high]
+    clamp_high: float = 0.6
+    hard_labels: bool = False  # ablation: p_a rounded to 0 or 1
+    num_fewshot: int | None = None  # few-shot examples in the prompt (None: all)
+    chunk_size: int = 32
+
+
+@dataclass
 class TransformersSettings:
     """The local `transformers` back end."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 where supported
     batch_size: int = 32  # sequences per forward pass
+    # Prefill a batch's shared prompt prefix (few-shot examples) once. Exact for full-attention
+    # models; for sliding-window models with prompts longer than the window, see
+    # TransformersBackend._shareable_prefix_length.
+    share_prefix: bool = True
     trust_remote_code: bool = False
 
 
@@ -122,6 +182,9 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+    sl: SLConfig = field(default_factory=SLConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     transformers: TransformersSettings = field(default_factory=TransformersSettings)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     vllm: VLLMSettings = field(default_factory=VLLMSettings)

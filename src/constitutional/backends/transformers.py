@@ -117,7 +117,8 @@ class StopOnStrings(StoppingCriteria):
 class TransformersBackend(Backend):
     """A Hugging Face causal LM in this process."""
 
-    def __init__(self, model: Any, tokenizer: Any, model_id: str, batch_size: int = 32):
+    def __init__(self, model: Any, tokenizer: Any, model_id: str, batch_size: int = 32, share_prefix: bool = True):
+        self.share_prefix = share_prefix
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -193,28 +194,26 @@ class TransformersBackend(Backend):
         name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         return {name: cache}
 
-    def _shareable_prefix_length(self, token_ids: list[list[int]]) -> int:
-        """Length of the token prefix all rows share, when computing it once is worth it and exact.
+    def _shareable_prefix_length(self, token_ids: list[list[int]], own_tokens: int = 1) -> int:
+        """Length of the token prefix all rows share, when computing it once is worth it.
 
-        Few-shot prompts share hundreds of tokens; on a CPU, prefill of that prefix dominates.
-        Each row keeps at least one token of its own. Rows are then padded between prefix and
-        suffix, which shifts cache indices: for a sliding-window model that is exact only while the
-        whole padded prompt fits in the window, so longer batches are not shared.
+        Few-shot prompts share hundreds of tokens; on a CPU, prefilling them dominates. Each row
+        keeps at least `own_tokens` tokens of its own. Rows are laid out [prefix][padding][own
+        tokens]; positions skip the padding, so for full-attention models each row reads exactly as
+        if it were alone. In a sliding-window layer (Gemma 3: 512 tokens) the window is counted in
+        cache slots, padding included, so once a prompt outgrows the window a padded row sees up to
+        its padding's length fewer of the window's oldest tokens. That is deterministic (the same
+        batch gives the same result, and resumed chunks run the same batches), but not identical
+        to the prompt run alone; `transformers.share_prefix: false` trades the speed for that.
         """
-        if len(token_ids) < 2:
+        if not self.share_prefix or len(token_ids) < 2:
             return 0
         shortest = min(len(ids) for ids in token_ids)
         length = 0
         first = token_ids[0]
-        while length < shortest - 1 and all(ids[length] == first[length] for ids in token_ids):
+        while length < shortest - own_tokens and all(ids[length] == first[length] for ids in token_ids):
             length += 1
-        if length < MIN_SHARED_PREFIX:
-            return 0
-        window = getattr(self.model.config, "sliding_window", None)
-        padded_length = length + max(len(ids) - length for ids in token_ids)
-        if window and padded_length > window - 1:
-            return 0
-        return length
+        return length if length >= MIN_SHARED_PREFIX else 0
 
     def _inputs_with_shared_prefix(self, token_ids: list[list[int]], shared: int) -> tuple[dict, Any]:
         """Prefill the shared prefix once and lay rows out as [prefix][padding][own tokens].
@@ -238,35 +237,95 @@ class TransformersBackend(Backend):
         return inputs, cache
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
-        rows = []  # (prompt index, option index, prompt ids + option ids, option length)
-        for prompt_index, prompt in enumerate(prompts):
+        """One forward pass per prompt, however many options.
+
+        The options' shared leading tokens (" (" of " (A)" / " (B)") are read as part of the prompt;
+        the pass over prompt + shared tokens yields their log-probabilities and the distribution of
+        each option's first own token; the few tokens after that (")") are read in a second, tiny
+        pass from the KV cache, one row per option.
+        """
+        rows = []  # (context ids, number of shared option tokens, each option's own tokens)
+        for prompt in prompts:
             prompt_ids = self.tokenizer(prompt)["input_ids"]
-            for option_index, option in enumerate(options):
-                option_ids = option_token_ids(self.tokenizer, prompt, prompt_ids, option)
-                rows.append((prompt_index, option_index, prompt_ids + option_ids, len(option_ids)))
-        scores = [[0.0] * len(options) for _ in prompts]
-        for batch in _length_sorted_batches([len(row[2]) for row in rows], self.batch_size):
-            batch_rows = [rows[i] for i in batch]
-            values = self._score_batch([row[2] for row in batch_rows], [row[3] for row in batch_rows])
-            for (prompt_index, option_index, _, _), value in zip(batch_rows, values):
-                scores[prompt_index][option_index] = value
+            option_ids = [option_token_ids(self.tokenizer, prompt, prompt_ids, option) for option in options]
+            shared = _common_prefix_length(option_ids)
+            rows.append((prompt_ids + option_ids[0][:shared], shared, [ids[shared:] for ids in option_ids]))
+        scores: list[list[float]] = [[] for _ in prompts]
+        for batch in _length_sorted_batches([len(row[0]) for row in rows], self.batch_size):
+            for index, values in zip(batch, self._score_batch([rows[i] for i in batch])):
+                scores[index] = values
         return scores
 
     @torch.inference_mode()
-    def _score_batch(self, sequences: list[list[int]], option_lengths: list[int]) -> list[float]:
-        """Summed log-probabilities of the last `option_lengths[i]` tokens of each sequence."""
-        inputs = self.tokenizer.pad({"input_ids": sequences}, padding=True, return_tensors="pt").to(self.device)
-        mask = inputs["attention_mask"]
-        # Left padding: positions count real tokens only, as if each sequence were alone.
+    def _score_batch(self, rows: list[tuple[list[int], int, list[list[int]]]]) -> list[list[float]]:
+        """Summed option log-probabilities for a batch of (context, shared, own tokens) rows."""
+        contexts = [context for context, _, _ in rows]
+        keep = max(shared for _, shared, _ in rows) + 1  # predicts the shared tokens and the next one
+        prefix = self._shareable_prefix_length(contexts, own_tokens=keep)
+        if prefix:
+            inputs, cache = self._inputs_with_shared_prefix(contexts, prefix)
+        else:
+            inputs = self.tokenizer.pad({"input_ids": contexts}, padding=True, return_tensors="pt")
+            cache = DynamicCache(config=self.model.config)
+        input_ids, mask = inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
+        # Positions count real tokens only (padding sits on the left or after the shared prefix).
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        keep = max(option_lengths) + 1  # logits at the last `keep` positions predict the option tokens
         logits = self.model(
-            input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=keep
-        ).logits.float()  # [batch, keep, vocab]
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
-        targets = inputs["input_ids"][:, -keep + 1 :]  # [batch, keep - 1]
-        token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return [float(token_log_probs[row, -length:].sum()) for row, length in enumerate(option_lengths)]
+            input_ids=input_ids[:, prefix:], attention_mask=mask, position_ids=positions[:, prefix:],
+            logits_to_keep=keep, **self._cache_argument(cache),
+        ).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)  # [batch, keep, vocab]
+        results = []
+        for row, (context, shared, own_tokens) in enumerate(rows):
+            # Position -1 predicts the first own token; positions -shared-1 .. -2 predict the shared ones.
+            shared_sum = sum(
+                float(log_probs[row, -shared - 1 + offset, token]) for offset, token in enumerate(context[-shared:])
+            ) if shared else 0.0
+            results.append([
+                shared_sum + (float(log_probs[row, -1, tokens[0]]) if tokens else 0.0) for tokens in own_tokens
+            ])
+        self._add_option_tails(rows, results, cache, mask, positions)
+        return results
+
+    def _add_option_tails(
+        self, rows: list[tuple[list[int], int, list[list[int]]]], results: list[list[float]], cache: Any,
+        mask: torch.Tensor, positions: torch.Tensor,
+    ) -> None:
+        """Add the log-probabilities of each option's tokens after its first own one.
+
+        The context's KV cache is repeated once per option; every option row reads its own tokens
+        (right-padded, which a causal model never looks back at).
+        """
+        options = len(rows[0][2])
+        tails = [tokens[:-1] for _, _, own_tokens in rows for tokens in own_tokens]  # inputs
+        width = max(len(tail) for tail in tails)
+        if width == 0:
+            return
+        pad = self.tokenizer.pad_token_id
+        tail_ids = torch.tensor([tail + [pad] * (width - len(tail)) for tail in tails], device=self.device)
+        tail_mask = torch.tensor([[1] * len(tail) + [0] * (width - len(tail)) for tail in tails], device=self.device)
+        cache.batch_repeat_interleave(options)
+        full_mask = torch.cat([mask.repeat_interleave(options, dim=0), tail_mask], dim=1)
+        start = positions[:, -1:].repeat_interleave(options, dim=0) + 1
+        tail_positions = start + torch.arange(width, device=self.device)
+        logits = self.model(
+            input_ids=tail_ids, attention_mask=full_mask, position_ids=tail_positions, **self._cache_argument(cache)
+        ).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)  # [batch * options, width, vocab]
+        for row, (_, _, own_tokens) in enumerate(rows):
+            for option, tokens in enumerate(own_tokens):
+                flat = row * options + option
+                results[row][option] += sum(
+                    float(log_probs[flat, offset, token]) for offset, token in enumerate(tokens[1:])
+                )
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all sequences share."""
+    length = 0
+    while all(len(sequence) > length for sequence in sequences) and len({s[length] for s in sequences}) == 1:
+        length += 1
+    return length
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -322,4 +381,5 @@ def load(model_name: str, config: Any) -> TransformersBackend:
     tokenizer = load_tokenizer(ref, settings.trust_remote_code)
     model = load_causal_lm(ref, dtype, device, settings.trust_remote_code)
     log.info("loaded %s on %s in %s", model_name, device, str(dtype).removeprefix("torch."))
-    return TransformersBackend(model, tokenizer, f"transformers:{fingerprint(ref)}:{dtype}", settings.batch_size)
+    model_id = f"transformers:{fingerprint(ref)}:{dtype}:share_prefix={settings.share_prefix}"
+    return TransformersBackend(model, tokenizer, model_id, settings.batch_size, settings.share_prefix)

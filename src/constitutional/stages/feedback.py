@@ -1,0 +1,277 @@
+"""Stage `feedback` (paper step 6): AI preference labels from a multiple-choice question.
+
+The feedback model reads a conversation, one principle sampled from the constitution's feedback
+principles, and two answers as options (A) and (B), after a few worked examples, and the soft
+label is the normalised probability of " (A)" versus " (B)" read from the model's log-probabilities
+(one scoring pass per option order), never from parsing generated text.
+
+Options, all studied in the paper or after it:
+- `feedback.debias`: ask in both orders, A/B and B/A, and average (language models favour a
+  position);
+- `feedback.principles_per_comparison` = k > 1: average over k sampled principles (the paper's
+  ensembling);
+- `feedback.cot`: the model first writes its reasoning ("Let's think step by step"), then the
+  option probabilities are read after it and clamped to [clamp_low, clamp_high] (the paper: 40-60%,
+  since chain-of-thought makes the model overconfident);
+- `feedback.hard_labels`: round to 0/1 (ablation).
+
+Output: `data/ai_labels.jsonl`, one record per pair with `p_a`, the principle ids, every reading
+(principle, order, probability, reasoning).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from constitutional.backends import Backend, SamplingParams, import_backend, open_backend
+from constitutional.config import Config, FeedbackConfig
+from constitutional.constitution import Constitution, FeedbackPrinciple, load_constitution, sample_principles
+from constitutional.errors import UserError
+from constitutional.models import resolve_model_name
+from constitutional.records import RunDir, append_records, file_sha256, read_records
+from constitutional.stages.critique import seed_for
+from constitutional.stages.pairs import OUTPUT as PAIRS
+
+log = logging.getLogger(__name__)
+
+NAME = "feedback"
+OUTPUT = "ai_labels.jsonl"
+OPTIONS = (" (A)", " (B)")
+ORDERS = ("ab", "ba")  # "ba": response_b is shown as option (A)
+COT_STOP = ("\nHuman:", "So the answer is")
+
+
+def check(config: Config) -> Constitution:
+    """Validate settings and load the constitution; writes nothing."""
+    settings = config.feedback
+    if settings.principles_per_comparison < 1:
+        raise UserError(f"feedback.principles_per_comparison: expected 1 or more, got {settings.principles_per_comparison}")
+    if not 0 <= settings.clamp_low < 0.5 < settings.clamp_high <= 1:
+        raise UserError(
+            f"feedback.clamp_low/clamp_high: expected 0 <= low < 0.5 < high <= 1, "
+            f"got {settings.clamp_low}, {settings.clamp_high}"
+        )
+    for key in ("cot_max_new_tokens", "chunk_size"):
+        if getattr(settings, key) <= 0:
+            raise UserError(f"feedback.{key}: expected a positive number, got {getattr(settings, key)}")
+    backend = config.backend_for(config.models.feedback)
+    import_backend(backend)
+    if backend != "openai":
+        resolve_model_name(config.models.feedback.name, config.base_dir)
+    return load_constitution(config.constitution, config.base_dir)
+
+
+def input_hashes(constitution: Constitution) -> dict[str, str]:
+    return {"constitution": constitution.source, "feedback_principles": ",".join(p.id for p in constitution.feedback_principles)}
+
+
+def run(config: Config, run_dir: RunDir, constitution: Constitution) -> dict[str, Any]:
+    """Label every pair of `data/pairs.jsonl`, resuming from the labels already written."""
+    pairs = read_pairs(run_dir.data(PAIRS))
+    output = run_dir.data(OUTPUT)
+    done = {record["id"] for record in read_records(output, repair=True)}
+    todo = [pair for pair in pairs if pair["id"] not in done]
+    log.info("feedback: %d pairs, %d to label", len(pairs), len(todo))
+    if todo:
+        backend = open_backend(config.models.feedback, config, run_dir.root / "cache" / "generations.sqlite")
+        try:
+            with tqdm(total=len(todo), desc="feedback", unit="pair") as bar:
+                for start in range(0, len(todo), config.feedback.chunk_size):
+                    chunk = todo[start : start + config.feedback.chunk_size]
+                    append_records(output, label_comparisons(backend, constitution, chunk, config.feedback, config.seed))
+                    bar.update(len(chunk))
+        finally:
+            backend.close()
+    labels = read_records(output)
+    return {
+        "pairs": len(pairs),
+        "labels": len(labels),
+        "mean_p_a": round(sum(label["p_a"] for label in labels) / max(1, len(labels)), 4),
+        "pairs_sha256": file_sha256(run_dir.data(PAIRS))[:16],
+    }
+
+
+def read_pairs(path: Any) -> list[dict[str, Any]]:
+    """The pairs file, checked for the fields labelling needs."""
+    if not path.exists():
+        raise UserError(f"{path}: not found; run stage 'pairs' first")
+    records = read_records(path)
+    for number, record in enumerate(records, start=1):
+        for field in ("id", "prompt", "response_a", "response_b"):
+            if not isinstance(record.get(field), str):
+                raise UserError(f"{path}:{number}: missing field {field!r}")
+    return records
+
+
+def label_comparisons(
+    backend: Backend,
+    constitution: Constitution,
+    comparisons: Sequence[dict[str, Any]],
+    settings: FeedbackConfig,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Soft AI preference labels for a batch of comparisons.
+
+    Args:
+        backend: the feedback model.
+        constitution: supplies feedback principles and few-shot examples.
+        comparisons: dicts with `id`, `prompt`, optional `history`, `response_a`, `response_b`.
+        settings: the `feedback` config section.
+        seed: the run seed (principle sampling and chain-of-thought sampling are derived from it).
+
+    Returns:
+        One label record per comparison, in order.
+    """
+    readings = []  # (comparison index, principle, order, question)
+    for index, comparison in enumerate(comparisons):
+        principles = sample_principles(
+            constitution.feedback_principles, settings.principles_per_comparison, seed, comparison["id"]
+        )
+        for principle in principles:
+            for order in ORDERS if settings.debias else ORDERS[:1]:
+                question = render_question(constitution, comparison, principle, order, settings)
+                readings.append((index, principle, order, question))
+    reasonings: list[str | None] = [None] * len(readings)
+    scoring_prompts = [question for _, _, _, question in readings]
+    if settings.cot:
+        reasonings = write_reasoning(backend, readings, comparisons, settings, seed)
+        scoring_prompts = [question + " " + reasoning + "\n\nHuman:\nSo the answer is:" for question, reasoning in zip(scoring_prompts, reasonings)]
+    try:
+        scores = backend.score_options(scoring_prompts, OPTIONS)
+    except ValueError as error:
+        raise UserError(f"feedback options {list(OPTIONS)}: {error}") from None
+    records = [new_record(comparison) for comparison in comparisons]
+    for (index, principle, order, _), (score_first, score_second), reasoning in zip(readings, scores, reasonings):
+        p_first = probability_first(score_first, score_second)
+        p_a = p_first if order == "ab" else 1.0 - p_first
+        if settings.cot:
+            p_a = min(max(p_a, settings.clamp_low), settings.clamp_high)
+        reading = {"principle_id": principle.id, "order": order, "p_a": p_a}
+        if reasoning is not None:
+            reading["reasoning"] = reasoning
+        records[index]["readings"].append(reading)
+    for record in records:
+        finish_record(record, settings.hard_labels)
+    return records
+
+
+def write_reasoning(
+    backend: Backend,
+    readings: list[tuple[int, FeedbackPrinciple, str, str]],
+    comparisons: Sequence[dict[str, Any]],
+    settings: FeedbackConfig,
+    seed: int,
+) -> list[str]:
+    """Chain-of-thought: the model's step-by-step reasoning after each question (greedy)."""
+    params = SamplingParams(max_new_tokens=settings.cot_max_new_tokens, temperature=0.0, stop=COT_STOP)
+    seeds = [seed_for(seed, comparisons[index]["id"], principle.id, order) for index, principle, order, _ in readings]
+    texts = backend.generate([question for _, _, _, question in readings], params, seeds)
+    return [" ".join(text.split()) for text in texts]
+
+
+def probability_first(score_first: float, score_second: float) -> float:
+    """Softmax over the two options' log-probabilities: P(first option) of the pair."""
+    top = max(score_first, score_second)
+    first, second = math.exp(score_first - top), math.exp(score_second - top)
+    return first / (first + second)
+
+
+def new_record(comparison: dict[str, Any]) -> dict[str, Any]:
+    record = {"id": comparison["id"], "prompt": comparison["prompt"]}
+    if comparison.get("history"):
+        record["history"] = comparison["history"]
+    record.update(response_a=comparison["response_a"], response_b=comparison["response_b"], readings=[])
+    return record
+
+
+def finish_record(record: dict[str, Any], hard_labels: bool) -> None:
+    """Average the readings (orders x principles) into `p_a`; list the principle ids."""
+    readings = record.pop("readings")
+    principle_ids = list(dict.fromkeys(reading["principle_id"] for reading in readings))
+    p_a = sum(reading["p_a"] for reading in readings) / len(readings)
+    if hard_labels:
+        p_a = 1.0 if p_a > 0.5 else 0.0 if p_a < 0.5 else 0.5
+    record.update(principle_id=principle_ids[0], principle_ids=principle_ids, p_a=p_a, readings=readings)
+    if any("reasoning" in reading for reading in readings):
+        record["reasoning"] = readings[0]["reasoning"]
+
+
+# ----------------------------------------------------------------------------- prompt rendering
+
+
+def render_question(
+    constitution: Constitution, comparison: dict[str, Any], principle: FeedbackPrinciple, order: str,
+    settings: FeedbackConfig,
+) -> str:
+    """The multiple-choice question for one comparison, principle and option order."""
+    first, second = ("response_a", "response_b") if order == "ab" else ("response_b", "response_a")
+    turns = [(turn["role"], turn["text"]) for turn in comparison.get("history", [])] + [("human", comparison["prompt"])]
+    if settings.cot:
+        examples = [fill_cot_example(example, principle) for example in limit(constitution.cot_fewshot, settings)]
+        question = cot_question(turns, principle, comparison[first], comparison[second])
+        return "\n\n".join(examples + [question])
+    examples = [
+        multiple_choice(
+            parse_conversation(example.conversation),
+            principle,
+            *((example.better, example.worse) if position % 2 == 0 else (example.worse, example.better)),
+            answer="(A)" if position % 2 == 0 else "(B)",
+        )
+        for position, example in enumerate(limit(constitution.feedback_fewshot, settings))
+    ]
+    return "\n\n".join(examples + [multiple_choice(turns, principle, comparison[first], comparison[second])])
+
+
+def limit(examples: Sequence[Any], settings: FeedbackConfig) -> list[Any]:
+    return list(examples if settings.num_fewshot is None else examples[: settings.num_fewshot])
+
+
+def multiple_choice(
+    turns: list[tuple[str, str]], principle: FeedbackPrinciple, option_a: str, option_b: str, answer: str = ""
+) -> str:
+    """The paper's multiple-choice format; without `answer` it ends at "The answer is:".
+
+    Few-shot examples alternate which position holds the better answer, so the examples
+    themselves teach no position preference.
+    """
+    conversation = "\n\n".join(f"{'Human' if role == 'human' else 'Assistant'}: {text.strip()}" for role, text in turns)
+    lines = [
+        "Consider the following conversation between a human and an assistant:",
+        conversation,
+        principle.text,
+        "Options:",
+        f"(A) {option_a.strip()}",
+        f"(B) {option_b.strip()}",
+        f"The answer is:{' ' + answer if answer else ''}",
+    ]
+    return "\n".join(lines)
+
+
+def cot_question(turns: list[tuple[str, str]], principle: FeedbackPrinciple, option_a: str, option_b: str) -> str:
+    """The chain-of-thought form (as in the paper's published examples), ending where reasoning starts."""
+    conversation = "\n\n".join(f"{'H' if role == 'human' else 'A'}: {text.strip()}" for role, text in turns)
+    return (
+        "Human: Consider the following conversation between a human (H) and an assistant (A):\n\n"
+        f"{conversation}\n\n{principle.text}\n (A) {option_a.strip()}\n (B) {option_b.strip()}\n\n"
+        "Assistant: Let's think step by step:"
+    )
+
+
+def fill_cot_example(example: str, principle: FeedbackPrinciple) -> str:
+    """A published-style chain-of-thought example: `{}` takes the principle, `[[[...]]]` marks options."""
+    return re.sub(r"\[\[\[(.*?)\]\]\]", r"\1", example.replace("{}", principle.text), flags=re.DOTALL)
+
+
+def parse_conversation(transcript: str) -> list[tuple[str, str]]:
+    """Turns of a few-shot conversation "Human: ...\\n\\nAssistant: ...\\n\\nAssistant:" (final empty turn dropped)."""
+    turns = []
+    for block in re.split(r"\n\n(?=(?:Human|Assistant):)", transcript.strip()):
+        role, _, text = block.partition(":")
+        if text.strip():
+            turns.append(("human" if role.strip() == "Human" else "assistant", text.strip()))
+    return turns
