@@ -38,7 +38,8 @@ def test_cai_run_writes_the_run_directory(config_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", "critique.rounds=1"], capsys)
     assert code == 0, err
-    assert (run_dir / "data" / "critiques.jsonl").exists()
+    for output in ("data/critiques.jsonl", "models/sl-cai/config.json", "data/pairs.jsonl", "data/ai_labels.jsonl"):
+        assert (run_dir / output).exists(), output
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["critique"]["rounds"] == 1 and resolved["seed"] == 3
     # A second run with another setting would mix records from two configs: refused.
@@ -132,7 +133,7 @@ def test_interrupt_marks_the_stage_and_the_same_command_finishes_it(config_file,
 
     monkeypatch.setattr(critique.CritiqueWriter, "process", interrupted)
     run_dir = tmp_path / "run"
-    args = ["run", str(config_file()), "--run-dir", str(run_dir)]
+    args = ["run", str(config_file()), "--run-dir", str(run_dir), "--stages", "critique"]
     code, err = run_cli(args, capsys)
     assert code == 130 and "run the same command again" in err
     manifest = yaml.safe_load((run_dir / "manifest.json").read_text())

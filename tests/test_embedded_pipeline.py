@@ -15,11 +15,13 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "constitutional.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
-        "--run-dir", str(run_dir), "--stages", "critique",
+        "--run-dir", str(run_dir),
         "--set", "data.max_red_team=3", "--set", "data.max_helpful=2",
         "--set", "critique.rounds=2", "--set", "critique.max_new_tokens=32",
+        "--set", "sl.batch_size=2", "--set", "sl.max_length=128",
+        "--set", "pairs.max_new_tokens=24", "--set", "feedback.num_fewshot=1",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "data" / "critiques.jsonl").read_text().splitlines()]
     assert len(records) == 5
@@ -27,6 +29,11 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     assert len(red_team) == 3 and all(len(r["revisions"]) == 2 for r in red_team)
     # A real model writes real text: most answers are neither empty nor loops.
     assert sum(bool(r["initial_response"]) for r in records) >= 4
+    assert (run_dir / "models" / "sl-cai" / "model.safetensors").exists()
+    pairs = [json.loads(line) for line in (run_dir / "data" / "pairs.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in (run_dir / "data" / "ai_labels.jsonl").read_text().splitlines()]
+    assert 1 <= len(pairs) <= 3 and len(labels) == len(pairs)
+    assert all(0.0 <= label["p_a"] <= 1.0 and len(label["readings"]) == 2 for label in labels)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["stages"]["critique"]["status"] == "done"
+    assert all(manifest["stages"][stage]["status"] == "done" for stage in ("critique", "sl", "pairs", "feedback"))
     assert manifest["stages"]["critique"]["counts"]["records"] == 5

@@ -6,4 +6,4 @@ writes nothing), `input_hashes(inputs) -> dict` and `run(config, run_dir, inputs
 
 # The paper's order. A stage listed here but not yet built is refused with a clear message.
 ORDER = ("critique", "sl", "pairs", "feedback", "pm", "rl", "eval")
-BUILT = ("critique",)
+BUILT = ("critique", "sl", "pairs", "feedback")
