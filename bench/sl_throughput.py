@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--critiques", type=Path, help="a critiques.jsonl (default: synthesised records)")
     parser.add_argument("--records", type=int, default=64, help="records to synthesise without --critiques")
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--lora", action="store_true", help="LoRA (r=16, all linear layers) instead of full fine-tuning")
+    parser.add_argument("--lora", action="store_true", help="LoRA (r=16, all linear layers), not full fine-tuning")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
@@ -116,47 +116,56 @@ def main() -> None:
     inputs = sl.check(config)
     model_dir = local_weights_dir(inputs.base_model)  # converts the embedded GGUF once, outside any timing
     tokenizer = load_tokenizer(inputs.base_model)
+    use_cpu, bf16 = sl.device_and_precision(config)
+    device = f"CPU fp32, {torch.get_num_threads()} threads" if use_cpu else f"CUDA {'bf16' if bf16 else 'fp32'}"
     work = Path(tempfile.mkdtemp(prefix="sl-bench-"))
     try:
-        critiques = args.critiques or work / "critiques.jsonl"
-        if args.critiques is None:
-            synthesise_critiques(critiques, args.records)
-        examples, counts = sl.load_examples(critiques, config, tokenizer.eos_token)
-        needed = args.steps * args.batch_size  # one epoch of exactly `steps` steps, repeating examples if short
-        examples = [examples[i % len(examples)] for i in range(needed)]
-        dataset = sl.to_dataset(examples)
-        print(f"data: {critiques if args.critiques else f'{args.records} synthesised records'} -> {counts}; "
-              f"{needed} examples used")
-        use_cpu, bf16 = sl.device_and_precision(config)
+        examples = prepare_examples(args, config, tokenizer, work)
         print(f"model {args.model} ({model_dir}), {'LoRA r=16 all-linear' if args.lora else 'full fine-tuning'}, "
-              f"batch {args.batch_size}, max_length {args.max_length}, {args.steps} steps, "
-              f"{'CPU fp32, ' + str(torch.get_num_threads()) + ' threads' if use_cpu else 'CUDA ' + ('bf16' if bf16 else 'fp32')}")
-
+              f"batch {args.batch_size}, max_length {args.max_length}, {args.steps} steps, {device}")
         runs = ["bare SFTTrainer", "sl stage"] + (["sl stage, TRL's LM head"] if args.breakdown else [])
-        results = {}
-        for name in runs:
-            timer = StepTimer()
-            if name == "sl stage":
-                trainer, _ = sl.train(config, inputs, tokenizer, examples, work / "stage", [timer])
-            else:
-                model = sl.load_base_model(config, inputs)
-                if name == "bare SFTTrainer":
-                    trainer = bare_trainer(config, inputs, model, tokenizer, dataset, work / "bare", timer)
-                else:  # the stage's trainer without `loss_positions_only`: what that alone buys
-                    trainer = sl.build_trainer(config, inputs, model, tokenizer, dataset, work / "breakdown", [timer])
-                trainer.train()
-            results[name] = timer
-            tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-            loss = next(entry["train_loss"] for entry in reversed(trainer.state.log_history) if "train_loss" in entry)
-            print(f"{name}: {timer.tokens_per_s():.1f} tok/s ({timer.steps} timed steps in {timer.seconds():.1f} s; "
-                  f"epoch: {trainer.state.global_step} steps, {tokens} tokens, train_loss {loss:.4f})")
-            del trainer
-            gc.collect()
-        ratio = results["sl stage"].tokens_per_s() / results["bare SFTTrainer"].tokens_per_s()
-        print(f"ratio sl stage / bare SFTTrainer: {ratio:.3f} (target >= 0.90)")
-        print(json.dumps({name: round(timer.tokens_per_s(), 2) for name, timer in results.items()} | {"ratio": ratio}))
+        speeds = {}
+        for index, name in enumerate(runs):
+            speeds[name] = time_run(name, config, inputs, tokenizer, examples, work / f"run{index}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    ratio = speeds["sl stage"] / speeds["bare SFTTrainer"]
+    print(f"ratio sl stage / bare SFTTrainer: {ratio:.3f} (target >= 0.90)")
+    print(json.dumps({**{name: round(speed, 2) for name, speed in speeds.items()}, "ratio": round(ratio, 3)}))
+
+
+def prepare_examples(args: argparse.Namespace, config, tokenizer, work: Path) -> list[sl.Example]:
+    """The stage's example mix, cycled to exactly `steps * batch_size` examples (one epoch of `steps` steps)."""
+    critiques = args.critiques or work / "critiques.jsonl"
+    if args.critiques is None:
+        synthesise_critiques(critiques, args.records)
+    examples, counts = sl.load_examples(critiques, config, tokenizer.eos_token)
+    needed = args.steps * args.batch_size
+    print(f"data: {args.critiques or f'{args.records} synthesised records'} -> {counts}; {needed} examples used")
+    return [examples[i % len(examples)] for i in range(needed)]
+
+
+def time_run(name: str, config, inputs, tokenizer, examples: list[sl.Example], output_dir: Path) -> float:
+    """Train one epoch with the named trainer and return its tokens/s over steps 2..S."""
+    timer = StepTimer()
+    if name == "sl stage":
+        trainer, _ = sl.train(config, inputs, tokenizer, examples, output_dir, [timer])
+    else:
+        model = sl.load_base_model(config, inputs)
+        dataset = sl.to_dataset(examples)
+        if name == "bare SFTTrainer":
+            trainer = bare_trainer(config, inputs, model, tokenizer, dataset, output_dir, timer)
+        else:  # the stage's trainer without `loss_positions_only`: what that alone buys
+            trainer = sl.build_trainer(config, inputs, model, tokenizer, dataset, output_dir, [timer])
+        trainer.train()
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    loss = next(entry["train_loss"] for entry in reversed(trainer.state.log_history) if "train_loss" in entry)
+    print(f"{name}: {timer.tokens_per_s():.1f} tok/s ({timer.steps} timed steps in {timer.seconds():.1f} s; "
+          f"epoch: {trainer.state.global_step} steps, {tokens} tokens, train_loss {loss:.4f})", flush=True)
+    speed = timer.tokens_per_s()
+    del trainer
+    gc.collect()
+    return speed
 
 
 def bare_trainer(config, inputs, model, tokenizer, dataset, output_dir: Path, timer: StepTimer) -> SFTTrainer:

@@ -116,7 +116,7 @@ def test_run_trains_and_saves_a_safetensors_model(make_config, run_dir, tiny_mod
     assert counts["examples"] == 10 and counts["red_team"] == 4 and counts["helpful"] == 6
     assert counts["skipped_degenerate"] == 1 and counts["steps"] == 5
     assert counts["train_loss"] > 0 and counts["train_tokens_per_s"] > 0
-    assert not (run_dir.root / "checkpoints" / "sl").exists()  # removed once the model is in place
+    assert not list((run_dir.root / "checkpoints" / "sl").glob("checkpoint-*"))  # gone once the model is saved
     assert not output.with_name("sl-cai.partial").exists()
     # Done: a second run returns the counts without training again.
     mtime = (output / "model.safetensors").stat().st_mtime_ns
@@ -228,3 +228,18 @@ def test_bad_critiques_input_names_file_and_line(make_config, tmp_path):
 def test_check_names_the_bad_key(make_config, settings, key):
     with pytest.raises(UserError, match=key):
         sl.check(make_config(**settings))
+
+
+def test_pipeline_runs_critique_then_sl(tmp_path, tiny_model_dir):
+    """`check` passes before critiques.jsonl exists; the manifest records the stage's counts."""
+    from constitutional.pipeline import run_pipeline
+
+    config = config_from_dict(tiny_config_data(
+        tiny_model_dir, tmp_path, data={"max_red_team": 3, "max_helpful": 2}, critique={"rounds": 1},
+        sl={"batch_size": 4, "max_length": 64, "save_steps": 100},
+    ))
+    run = run_pipeline(config, tmp_path / "run", ["critique", "sl"])
+    entry = run.read_manifest()["stages"]["sl"]
+    assert entry["status"] == "done" and entry["inputs"]["base_model"].startswith(str(tiny_model_dir))
+    assert entry["counts"]["examples"] + entry["counts"]["skipped_degenerate"] == 5
+    assert (run.model("sl-cai") / "model.safetensors").exists()

@@ -4,7 +4,8 @@ The *pretrained* model (`models.base`, as in the paper) is fine-tuned with TRL's
 prompt/completion examples built from `data/critiques.jsonl`: (conversation -> final revision) for
 red-team records, (conversation -> answer) for helpfulness records, mixed by
 `sl.helpful_fraction`. The prompt is the paper's plain transcript ("Human: ...\\n\\nAssistant:"),
-the completion " <response><eos>", and the loss covers the completion tokens only.
+the completion " <response><eos>", and the loss covers the completion tokens only; the output
+layer is applied only where there is a loss, on CPU too (`loss_positions_only`).
 
 Training checkpoints every `sl.save_steps` optimizer steps into `checkpoints/sl/`; an interrupted
 run resumes from the last complete checkpoint. The model (LoRA merged into the weights by default)
@@ -241,8 +242,10 @@ def run(config: Config, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
     trainer, summary = train(config, inputs, tokenizer, examples, checkpoints)
     save_model(trainer, tokenizer, output, config.sl.lora.enabled and config.sl.lora.merge, summary)
     # Checkpoints only serve to resume this stage; with full fine-tuning each holds weights and
-    # optimizer state (about 3x the model), so they go once the model is safely in place.
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    # optimizer state (about 3x the model), so they go once the model is safely in place. TensorBoard
+    # logs (`checkpoints/sl/runs/`) stay.
+    for path in checkpoints.glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
     return {**counts, **summary}
 
 
