@@ -10,7 +10,8 @@ from constitutional.backends.transformers import TransformersBackend
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution
 from constitutional.errors import UserError
-from constitutional.records import RunDir, append_records, read_records
+from constitutional.records import append_records, read_records
+from constitutional.rundir import RunDir
 from constitutional.stages import feedback
 from constitutional.stages.feedback import OPTIONS, label_comparisons, probability_first
 
@@ -62,8 +63,24 @@ def test_option_log_probs_show_the_built_in_preference(prefers_b):
 
 @pytest.mark.parametrize("options", [[" (A)", " (B)"], ["(A)", "(B)"], [" A", " B"]])
 def test_options_with_and_without_a_leading_space_score_consistently(prefers_b, options):
-    (score_a, score_b), = prefers_b.score_options(["The answer is:"], options)
-    assert math.isfinite(score_a) and math.isfinite(score_b) and score_a != score_b
+    """Every option form is read token by token as the model sees it after the prompt.
+
+    The model's log-probability of any token t is bias[t] - logsumexp(bias) at every position, so
+    an option's score is the sum of its tokens' biases minus (its length) x logsumexp(bias).
+    """
+    from constitutional.backends.base import option_token_ids
+
+    prompt = "The answer is:"
+    tokenizer, bias = prefers_b.tokenizer, prefers_b.model.lm_head.bias.detach().double()
+    normaliser = torch.logsumexp(bias, dim=0).item()
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    expected = [
+        sum(bias[token].item() - normaliser for token in option_token_ids(tokenizer, prompt, prompt_ids, option))
+        for option in options
+    ]
+    (score_a, score_b), = prefers_b.score_options([prompt], options)
+    assert score_a == pytest.approx(expected[0], abs=1e-3)
+    assert score_b == pytest.approx(expected[1], abs=1e-3)
 
 
 def test_without_debiasing_the_position_preference_is_the_label(prefers_b, constitution):
@@ -120,33 +137,37 @@ def test_the_question_follows_the_papers_multiple_choice_format(constitution):
     assert cot.endswith("Assistant: Let's think step by step:") and "[[[" not in cot and "{}" not in cot
 
 
-def test_stage_labels_pairs_and_resumes(tmp_path, tiny_model_dir):
+def test_stage_labels_pairs_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
     config = config_from_dict({
         "models": {"feedback": str(tiny_model_dir)},
         "feedback": {"num_fewshot": 1, "chunk_size": 1},
         "transformers": {"dtype": "float32"},
     })
     run = RunDir(tmp_path)
-    append_records(run.data("pairs.jsonl"), [{k: v for k, v in c.items()} for c in COMPARISONS])
-    constitution = feedback.check(config)
-    counts = feedback.run(config, run, constitution)
-    labels = read_records(run.data("ai_labels.jsonl"))
+    append_records(run.path("pairs"), [{k: v for k, v in c.items()} for c in COMPARISONS])
+    constitution = feedback.check(config, config.feedback)
+    counts = feedback.run(config, config.feedback, run, constitution)
+    labels = read_records(run.path("ai_labels"))
     assert counts["labels"] == 2 and [label["id"] for label in labels] == ["c1", "c2"]
     assert all(0.0 <= label["p_a"] <= 1.0 for label in labels)
-    # Running again labels nothing twice.
-    assert feedback.run(config, run, constitution)["labels"] == 2
-    assert len(read_records(run.data("ai_labels.jsonl"))) == 2
+    # Running again labels nothing twice and never loads the model.
+    def no_model(*args, **kwargs):
+        raise AssertionError("the feedback model was opened although every pair was labelled")
+
+    monkeypatch.setattr(type(config), "open_backend", no_model)
+    assert feedback.run(config, config.feedback, run, constitution)["labels"] == 2
+    assert read_records(run.path("ai_labels")) == labels
 
 
 def test_bad_pairs_file_and_settings_are_user_errors(tmp_path, tiny_model_dir):
     config = config_from_dict({"models": {"feedback": str(tiny_model_dir)}})
     run = RunDir(tmp_path)
     with pytest.raises(UserError, match="pairs.jsonl: not found"):
-        feedback.run(config, run, feedback.check(config))
-    append_records(run.data("pairs.jsonl"), [COMPARISONS[0], {"id": "x", "prompt": "p", "response_a": "a"}])
+        feedback.run(config, config.feedback, run, feedback.check(config, config.feedback))
+    append_records(run.path("pairs"), [COMPARISONS[0], {"id": "x", "prompt": "p", "response_a": "a"}])
     with pytest.raises(UserError, match=r"pairs.jsonl:2: missing field 'response_b'"):
-        feedback.run(config, run, feedback.check(config))
+        feedback.run(config, config.feedback, run, feedback.check(config, config.feedback))
     with pytest.raises(UserError, match="feedback.clamp_low/clamp_high"):
-        feedback.check(config_from_dict({"feedback": {"clamp_low": 0.6}}))
+        config_from_dict({"feedback": {"clamp_low": 0.6}})
     with pytest.raises(UserError, match="feedback.principles_per_comparison"):
-        feedback.check(config_from_dict({"feedback": {"principles_per_comparison": 0}}))
+        config_from_dict({"feedback": {"principles_per_comparison": 0}})

@@ -7,7 +7,8 @@ import pytest
 from constitutional.backends import SamplingParams
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
-from constitutional.records import RunDir, append_records, read_records
+from constitutional.records import append_records, read_records
+from constitutional.rundir import RunDir
 from constitutional.stages import pairs
 
 CRITIQUES = [
@@ -21,25 +22,29 @@ CRITIQUES = [
 @pytest.fixture
 def run_with_sl_cai(tmp_path, tiny_model_dir):
     run = RunDir(tmp_path / "run")
-    append_records(run.data("critiques.jsonl"), CRITIQUES)
-    shutil.copytree(tiny_model_dir, run.model("sl-cai"))
+    append_records(run.path("critiques"), CRITIQUES)
+    shutil.copytree(tiny_model_dir, run.path("sl_cai"))
     config = config_from_dict({"pairs": {"max_new_tokens": 6, "chunk_size": 1}, "transformers": {"dtype": "float32"}})
     return config, run
 
 
-def test_two_different_samples_per_red_team_prompt(run_with_sl_cai):
+def test_two_different_samples_per_red_team_prompt(run_with_sl_cai, monkeypatch):
     config, run = run_with_sl_cai
-    counts = pairs.run(config, run, pairs.check(config))
-    records = read_records(run.data("pairs.jsonl"))
+    counts = pairs.run(config, config.pairs, run, pairs.check(config, config.pairs))
+    records = read_records(run.path("pairs"))
     assert [record["id"] for record in records] == ["rt-1", "rt-2"]  # helpful prompts are not paired
     for record in records:
         assert set(record) >= {"id", "prompt", "response_a", "response_b"}
         assert record["response_a"] != record["response_b"]
     assert records[1]["history"] == CRITIQUES[2]["history"]
     assert counts == {**counts, "prompts": 2, "pairs": 2, "dropped_identical": 0}
-    # Resuming samples nothing again and keeps the data identical.
-    assert pairs.run(config, run, pairs.check(config))["pairs"] == 2
-    assert read_records(run.data("pairs.jsonl")) == records
+    # Resuming samples nothing again (the model is not even loaded) and keeps the data identical.
+    def no_model(*args, **kwargs):
+        raise AssertionError("SL-CAI was opened although every prompt was paired")
+
+    monkeypatch.setattr(type(config), "open_backend", no_model)
+    assert pairs.run(config, config.pairs, run, pairs.check(config, config.pairs))["pairs"] == 2
+    assert read_records(run.path("pairs")) == records
 
 
 class _Echo:
@@ -60,11 +65,11 @@ def test_missing_inputs_are_user_errors(tmp_path):
     config = config_from_dict({})
     run = RunDir(tmp_path / "empty")
     with pytest.raises(UserError, match="no SL-CAI model"):
-        pairs.run(config, run, pairs.check(config))
+        pairs.run(config, config.pairs, run, pairs.check(config, config.pairs))
     with pytest.raises(UserError, match="pairs.temperature"):
-        pairs.check(config_from_dict({"pairs": {"temperature": 0}}))
-    run.model("sl-cai").mkdir(parents=True)
-    (run.model("sl-cai") / "config.json").write_text("{}")
-    append_records(run.data("critiques.jsonl"), [{"id": "a", "prompt": "p"}])
+        config_from_dict({"pairs": {"temperature": 0}})
+    run.path("sl_cai").mkdir(parents=True)
+    (run.path("sl_cai") / "config.json").write_text("{}")
+    append_records(run.path("critiques"), [{"id": "a", "prompt": "p"}])
     with pytest.raises(UserError, match=r"critiques.jsonl:1: missing field 'kind'"):
-        pairs.run(config, run, pairs.check(config))
+        pairs.run(config, config.pairs, run, pairs.check(config, config.pairs))

@@ -72,3 +72,43 @@ def test_degenerate_outputs_are_recognised():
     assert degeneracy("I am sorry. " * 12) == "repetitive"
     assert degeneracy("line\nline\nline\nother") == "repetitive"
     assert degeneracy("Mix flour, water and yeast, knead for ten minutes, then let the dough rise.") is None
+
+
+_PLANETS = (
+    "Human: How do I remember the planets?\n\n"
+    "Revision: Try the mnemonic My Very Educated Mother Just Served Us Nachos, one word per planet."
+)
+
+
+def test_fewshot_echo_finds_an_eight_word_copy_despite_formatting():
+    from constitutional.prompts import COPIED_FEWSHOT, FEWSHOT_SPAN, FewshotEcho
+
+    assert COPIED_FEWSHOT == "copied_fewshot" and FEWSHOT_SPAN == 8
+    echo = FewshotEcho(["An unrelated example about baking bread at home.", _PLANETS])
+    copied = "To buy one untraceably:  MY very educated mother,\njust SERVED us... nachos!"
+    assert echo.copies(copied) is True
+    # The copy may straddle a label: labels are words of the example like any other.
+    assert echo.copies("how do i remember the planets revision try") is True
+
+
+def test_fewshot_echo_ignores_seven_shared_words_and_unrelated_text():
+    from constitutional.prompts import FewshotEcho
+
+    echo = FewshotEcho([_PLANETS])
+    # Seven consecutive words of the example ("my very educated mother just served us"), then a
+    # different eighth word, and the same seven at the end of the text.
+    assert echo.copies("my very educated mother just served us tacos") is False
+    assert echo.copies("Mnemonic: the planets. My very educated mother just served us") is False
+    assert echo.copies("I can't help you make a gun untraceable; that is illegal in most places.") is False
+    assert echo.copies("") is False
+
+
+def test_fewshot_echo_without_long_enough_examples_never_matches():
+    from constitutional.prompts import FewshotEcho
+
+    assert FewshotEcho([]).copies("my very educated mother just served us nachos") is False
+    short = "one two three four five six seven"
+    assert FewshotEcho([short]).copies(short + " " + short) is False
+    # The same text does match once the span fits it: the short example is indexed, just too short.
+    assert FewshotEcho([short], span=7).copies("so: " + short.upper() + ".") is True
+    assert FewshotEcho(["", "   "]).copies("") is False

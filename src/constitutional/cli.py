@@ -10,7 +10,7 @@ from pathlib import Path
 
 from constitutional import __version__
 from constitutional.errors import UserError
-from constitutional.stages import BUILT, ORDER
+from constitutional.stages import STAGES
 
 DESCRIPTION = """\
 Constitutional AI (Bai et al. 2022) end to end: a written constitution instead of human
@@ -27,16 +27,20 @@ examples:
   cai run configs/quickstart.yaml
   cai run configs/quickstart.yaml --run-dir runs/try2 --set critique.rounds=2 --set data.max_red_team=8
   cai run my.yaml --stages critique --set models.helpful=./my-model --set models.helpful.backend=openai
+  cai run configs/quickstart.yaml --set feedback.cot=true --rerun     (an ablation on the same run)
 
 Interrupt a run at any point and run the same command again: finished work is kept and the run
-continues where it stopped. Bad input exits with code 2 and a one-line message.
+continues where it stopped. Changing a setting of a stage that already ran is refused (exit 2,
+naming the keys and the stages that would run again) unless --rerun is given: then those stages
+run again, earlier outputs are reused, and the replaced outputs move under RUN_DIR/previous/.
+Bad input exits with code 2 and a one-line message.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cai",
-        description=DESCRIPTION.format(built=", ".join(BUILT)),
+        description=DESCRIPTION.format(built=", ".join(STAGES)),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -52,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG", help="a YAML config, e.g. configs/quickstart.yaml")
     run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<config name>)")
     run.add_argument(
-        "--stages", metavar="LIST", help=f"comma-separated subset of: {', '.join(ORDER)} (default: all built)"
+        "--stages", metavar="LIST", help=f"comma-separated subset of: {', '.join(STAGES)} (default: all)"
+    )
+    run.add_argument(
+        "--rerun", action="store_true",
+        help="run stages whose settings or inputs changed again (their old outputs move to RUN_DIR/previous/)",
     )
     run.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -96,7 +104,7 @@ def command_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     stages = parse_stages(args.stages)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-    run = run_pipeline(config, run_dir, stages)
+    run = run_pipeline(config, run_dir, stages, rerun=args.rerun)
     print(f"done: {run.root} ({', '.join(stages)})")
     return 0
 

@@ -22,7 +22,6 @@ Whatever the source, texts come out in one normal form: no turn markers ("Critiq
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import defaultdict
@@ -34,6 +33,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 
 from constitutional.errors import UserError
+from constitutional.seeding import rng_for
 
 T = TypeVar("T")
 
@@ -156,9 +156,9 @@ def sample_principles(principles: Sequence[T], k: int, seed: int, key: str) -> l
     prompt gets a fresh principle; beyond that, further independent shuffles of the whole list
     are appended. Every principle is equally likely at every position.
 
-    The generator is derived from sha256(f"{seed}:{key}") (Python's `hash()` is salted per
-    process) and only its `random()` method is used, whose sequence Python guarantees across
-    versions: the same seed and key give the same principles on any machine.
+    The generator comes from `seeding.rng_for(seed, key)` and only its `random()` method is used,
+    whose sequence Python guarantees across versions: the same seed and key give the same
+    principles on any machine.
 
     Args:
         principles: the list to draw from.
@@ -173,8 +173,7 @@ def sample_principles(principles: Sequence[T], k: int, seed: int, key: str) -> l
         raise ValueError(f"k must be >= 0, got {k}")
     if k and not principles:
         raise ValueError("cannot sample from an empty list of principles")
-    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
-    rng = random.Random(int.from_bytes(digest, "big"))
+    rng = rng_for(seed, key)
     chosen: list[T] = []
     while len(chosen) < k:
         chosen.extend(_shuffled(principles, rng))

@@ -1,65 +1,172 @@
-"""Running stages in order: validate everything first, then write, skip what is done, resume the rest."""
+"""Running stages in order: validate everything first, then write, skip what is done, resume the rest.
+
+Each stage's manifest entry records the settings it ran with (its config section and the other
+keys it reads) and fingerprints of its inputs. When a later run of the same directory changes
+them, that stage and every stage after it that has outputs are stale: the run is refused unless
+`--rerun` is given, in which case their outputs move under `previous/<time>/` and they run again;
+the outputs of earlier stages are reused untouched.
+"""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 
-from constitutional.config import Config
+from constitutional.config import stage_settings
 from constitutional.errors import UserError
-from constitutional.records import RunDir
-from constitutional.stages import BUILT, ORDER
+from constitutional.rundir import ARTEFACTS, RunDir
+from constitutional.stages import STAGES, stage_modules
 
 log = logging.getLogger(__name__)
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """`critique,sl` -> ["critique", "sl"] in pipeline order; None -> every stage built so far.
+    """`critique,sl` -> ["critique", "sl"] in pipeline order; None -> every stage.
 
     Raises:
-        UserError: an unknown stage, or one that is not built yet.
+        UserError: an unknown stage.
     """
     if text is None:
-        return list(BUILT)
+        return list(STAGES)
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise UserError("--stages: expected a comma-separated list of stages")
     for name in names:
-        if name not in ORDER:
-            raise UserError(f"--stages: unknown stage {name!r}: expected one of {', '.join(ORDER)}")
-        if name not in BUILT:
-            raise UserError(f"--stages: stage {name!r} is not implemented yet (available: {', '.join(BUILT)})")
-    return [name for name in ORDER if name in names]
+        if name not in STAGES:
+            raise UserError(f"--stages: unknown stage {name!r}: expected one of {', '.join(STAGES)}")
+    return [name for name in STAGES if name in names]
 
 
-def run_pipeline(config: Config, run_dir: Path, stages: list[str]) -> RunDir:
+def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = False) -> RunDir:
     """Run `stages` of `config` in `run_dir`.
 
-    Every stage's inputs are loaded and validated before the run directory is touched, so bad
-    input leaves nothing half-written. Stages already `done` are skipped; an interrupted stage
-    resumes from its records.
+    Every stage's inputs are loaded and validated, and the plan is checked against what the run
+    directory holds, before anything is written: bad input leaves nothing half-written. Stages
+    already `done` with the same settings and inputs are skipped; an interrupted stage resumes.
+
+    Args:
+        config: the loaded config.
+        run_dir: the run directory (created if needed).
+        stages: the stages to run, in pipeline order.
+        rerun: run stale stages again (their outputs are archived) instead of refusing.
+
+    Raises:
+        UserError: bad input; stale stages without `rerun`; `rerun` where there is no run; a stage
+            whose upstream artefacts no stage has made or will make.
     """
-    modules = {name: importlib.import_module(f"constitutional.stages.{name}") for name in stages}
-    inputs = {name: module.check(config) for name, module in modules.items()}
+    modules = stage_modules()
     run = RunDir(run_dir)
+    if rerun and not run.exists():
+        raise UserError(f"{run.root}: --rerun: there is no run here to rerun (no manifest.json)")
+    inputs = {name: modules[name].check(config, getattr(config, name)) for name in stages}
+    stale = find_stale(config, run, modules, inputs)
+    affected = affected_stages(run, stale)
+    if stale and not rerun:
+        raise UserError(describe_stale(run, stale, affected))
+    check_upstream(config, run, modules, stages, set(affected))
+    if affected:
+        run.archive(affected)
     write_config(run, config)
-    for name, module in modules.items():
-        if run.stage_status(name) == "done":
-            log.info("%s: already done, skipping", name)
-            continue
-        run.start_stage(name, module.input_hashes(inputs[name]))
-        try:
-            counts = module.run(config, run, inputs[name])
-        except BaseException as error:
-            run.fail_stage(name, _describe(error))
-            raise
-        run.finish_stage(name, counts)
-        log.info("%s: done %s", name, counts)
+    for name in stages:
+        _run_stage(config, run, modules[name], inputs[name])
     return run
+
+
+def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> None:
+    name = module.NAME
+    if run.stage_status(name) == "done":
+        log.info("%s: already done with these settings, skipping", name)
+        return
+    settings = getattr(config, name)
+    upstream = {artefact: run.fingerprint(artefact) for artefact in module.reads(config, settings)}
+    run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream})
+    try:
+        counts = module.run(config, settings, run, inputs)
+    except BaseException as error:
+        run.fail_stage(name, _describe(error))
+        raise
+    run.finish_stage(name, counts)
+    log.info("%s: done %s", name, counts)
+
+
+# ----------------------------------------------------------------------------- staleness
+
+
+def find_stale(config: Any, run: RunDir, modules: dict[str, ModuleType], inputs: dict[str, Any]) -> dict[str, list[str]]:
+    """Stages that have outputs made with other settings or inputs than now, each with what changed.
+
+    Settings are compared for every stage that ran; inputs from outside the run directory (prompt
+    files, constitution, base model) only for the stages being run now (they were just loaded);
+    upstream artefacts by fingerprint.
+
+    Returns:
+        {stage: ["feedback.cot: False -> True", "data/pairs.jsonl changed", ...]} in pipeline order.
+    """
+    stale: dict[str, list[str]] = {}
+    for name, module in modules.items():
+        entry = run.stage_entry(name)
+        if entry.get("status", "pending") == "pending":
+            continue
+        recorded, current = entry.get("settings", {}), stage_settings(config, module)
+        reasons = [f"{key}: {recorded[key]!r} -> {current[key]!r}" for key in current if key in recorded and recorded[key] != current[key]]
+        recorded_inputs = entry.get("inputs", {})
+        for artefact in module.reads(config, getattr(config, name)):
+            if artefact in recorded_inputs and run.fingerprint(artefact) != recorded_inputs[artefact]:
+                reasons.append(f"{ARTEFACTS[artefact].path} changed")
+        if name in inputs:
+            for key, value in module.input_hashes(inputs[name]).items():
+                if key in recorded_inputs and recorded_inputs[key] != value:
+                    reasons.append(f"{name} input {key!r} changed")
+        if reasons:
+            stale[name] = reasons
+    return stale
+
+
+def affected_stages(run: RunDir, stale: dict[str, list[str]]) -> list[str]:
+    """The first stale stage and every later stage that has outputs: all of them must be redone."""
+    if not stale:
+        return []
+    first = STAGES.index(next(iter(stale)))
+    return [name for name in STAGES[first:] if run.stage_status(name) != "pending"]
+
+
+def describe_stale(run: RunDir, stale: dict[str, list[str]], affected: list[str]) -> str:
+    """The one-line refusal: what changed, and which stages `--rerun` would run again."""
+    changes = "; ".join(reason for reasons in stale.values() for reason in reasons)
+    return (
+        f"{run.root}: changed since the last run: {changes}; stages that would run again: {', '.join(affected)}. "
+        "Add --rerun to rerun them (their current outputs are kept under previous/), or use another --run-dir"
+    )
+
+
+def check_upstream(config: Any, run: RunDir, modules: dict[str, ModuleType], stages: list[str], archived: set[str]) -> None:
+    """Every artefact a stage reads must come from a stage run now, before it, or one already done.
+
+    An artefact placed by hand (its stage never ran here) counts as there.
+
+    Raises:
+        UserError: naming the stage, the missing artefact and the stage that makes it.
+    """
+    for name in stages:
+        for artefact in modules[name].reads(config, getattr(config, name)):
+            maker = ARTEFACTS[artefact].made_by
+            if maker in stages and STAGES.index(maker) < STAGES.index(name):
+                continue
+            status = "pending" if maker in archived else run.stage_status(maker)
+            if status == "done" or (status == "pending" and maker not in archived and run.path(artefact).exists()):
+                continue
+            state = "would be rerun" if maker in archived else "has not finished" if status != "pending" else "has not run"
+            raise UserError(
+                f"stage {name!r} reads {run.path(artefact)}, which stage {maker!r} makes, and {maker!r} {state} "
+                f"in {run.root}: add it to --stages (e.g. --stages {maker},{name})"
+            )
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _describe(error: BaseException) -> str:
@@ -70,36 +177,9 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def write_config(run: RunDir, config: Config) -> None:
-    """Write the resolved config, or refuse if the run directory holds a different one.
-
-    Resuming with another config would mix records made under two settings in one file.
-    """
-    path = run.root / "config.yaml"
-    resolved = config.to_dict()
-    if path.exists():
-        previous = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        difference = first_difference(previous, resolved)
-        if difference:
-            raise UserError(
-                f"{run.root}: holds a run with a different config ({difference}); "
-                "use another --run-dir, or the same settings to resume"
-            )
-        return
+def write_config(run: RunDir, config: Any) -> None:
+    """Write the resolved config of this run (atomically); each stage's own settings are in the manifest."""
     run.root.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    """The first key path where two nested mappings differ, as 'key: old -> new'.
-
-    Keys the old config lacks are not differences: they are settings a newer version added, at
-    their defaults.
-    """
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in old:
-            found = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+    temporary = run.config_path.with_name("config.yaml.tmp")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    temporary.replace(run.config_path)

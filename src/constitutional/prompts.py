@@ -17,7 +17,7 @@ and let the model continue after the last label. A chat model is given its own t
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from constitutional.backends.base import Backend
 from constitutional.errors import UserError
@@ -105,6 +105,62 @@ def degeneracy(text: str) -> str | None:
         if len(set(four_grams)) < 0.5 * len(four_grams):
             return "repetitive"
     return None
+
+
+# Reason string for output that copies a few-shot example, reported like "empty"/"repetitive".
+COPIED_FEWSHOT = "copied_fewshot"
+# Eight words in a row: long enough that two unrelated texts rarely share such a run by chance
+# (a stock refusal like "I'm sorry, I can't help with that" is seven), short enough to catch a
+# small model pasting part of a sentence of an example into its own answer.
+FEWSHOT_SPAN = 8
+# Anything that is neither a word character nor whitespace: removed before comparing, so a copy
+# with different punctuation ("Mercury, Venus" vs "mercury venus") is still found.
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def _normalised_words(text: str) -> list[str]:
+    """Lowercase words of `text` with punctuation removed, split on any whitespace."""
+    return _PUNCTUATION.sub("", text.lower()).split()
+
+
+class FewshotEcho:
+    """Finds generated text that reproduces a span of the few-shot examples.
+
+    A small base model often answers by copying part of an example from its prompt (the planets
+    mnemonic from a revision example, say, as the answer to an unrelated question). Such output is
+    as unusable as a loop, so it is flagged like one. Every run of `span` consecutive normalised
+    words of the examples is indexed once; a check is then one set lookup per word of the output.
+    """
+
+    def __init__(self, examples: Sequence[str], span: int = FEWSHOT_SPAN) -> None:
+        """Index the few-shot examples.
+
+        Args:
+            examples: the few-shot texts whose spans count as copied.
+            span: how many consecutive words must match; an example shorter than this never matches.
+        """
+        if span < 1:
+            raise ValueError(f"span must be at least 1, got {span}")
+        self.span = span
+        self._runs: set[tuple[str, ...]] = set()
+        for example in examples:
+            self._runs.update(self._windows(_normalised_words(example)))
+
+    def _windows(self, words: list[str]) -> list[tuple[str, ...]]:
+        return [tuple(words[i : i + self.span]) for i in range(len(words) - self.span + 1)]
+
+    def copies(self, text: str) -> bool:
+        """Whether `text` contains `span` consecutive words of any example.
+
+        Args:
+            text: a generated turn (answer, critique or revision).
+
+        Returns:
+            True if some run of `span` normalised words of `text` appears in an example, else False.
+        """
+        if not self._runs:
+            return False
+        return any(window in self._runs for window in self._windows(_normalised_words(text)))
 
 
 def render(

@@ -1,4 +1,5 @@
-"""JSONL records and the run directory's bookkeeping (manifest, resume).
+"""JSONL records: reading with line numbers, typed readers per record file, durable appends, and
+the resumable chunk loop that every generating stage shares.
 
 Stages talk through files: each appends finished records to `data/<name>.jsonl` and flushes them
 to disk at once, so an interrupted stage resumes from what is on disk. A crash can leave at most
@@ -7,24 +8,30 @@ one partial last line; `read_records` drops it (it was never a finished record).
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, TypeVar
 
+from tqdm import tqdm
+
+from constitutional.backends.base import Backend
 from constitutional.errors import UserError
+from constitutional.prompts import PLAIN_LABELS
 
-STAGE_STATUSES = ("pending", "running", "done", "failed")
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
 _VERSIONED_PACKAGES = ("constitutional", "torch", "transformers", "trl", "peft", "datasets", "vllm", "httpx")
 
 
 def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Read a JSONL file of records.
+    """Read a JSONL file of records (an absent file reads as no records).
 
     Args:
         path: the file.
@@ -34,6 +41,11 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     Raises:
         UserError: a malformed line, naming file and line number; non-UTF-8 content.
     """
+    return [record for _, record in numbered_records(path, repair=repair)]
+
+
+def numbered_records(path: Path, *, repair: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """Like `read_records`, each record with its line number (blank lines are skipped but counted)."""
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -55,7 +67,7 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{number}: invalid JSON: {error.msg}") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object per line")
-        records.append(record)
+        records.append((number, record))
     return records
 
 
@@ -104,51 +116,117 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+# ----------------------------------------------------------------------------- typed readers
+# One reader per record file that another stage consumes: each checks the fields its consumers
+# need and names file and line, so a hand-edited or truncated file fails before any model loads.
 
 
-@dataclass
-class RunDir:
-    """A run directory: config.yaml, manifest.json, data/, models/, eval/, cache/."""
+def read_critiques(path: Path) -> list[dict[str, Any]]:
+    """`critiques.jsonl`: id, kind (red_team | helpful), prompt, final_response, optional history."""
+    records = _checked_records(path, "critique", ("id", "kind", "prompt", "final_response"))
+    for number, record in records:
+        if record["kind"] not in ("red_team", "helpful"):
+            raise UserError(f"{path}:{number}: field 'kind': expected red_team or helpful, got {record['kind']!r}")
+    return [record for _, record in records]
 
-    root: Path
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """`pairs.jsonl`: id, prompt, response_a, response_b, optional history."""
+    return [record for _, record in _checked_records(path, "pairs", ("id", "prompt", "response_a", "response_b"))]
 
-    def data(self, name: str) -> Path:
-        """Path of `data/<name>`."""
-        return self.root / "data" / name
 
-    def model(self, name: str) -> Path:
-        """Path of `models/<name>/`."""
-        return self.root / "models" / name
+def read_ai_labels(path: Path) -> list[dict[str, Any]]:
+    """`ai_labels.jsonl`: a pair's fields plus principle_id and p_a in [0, 1]."""
+    fields = ("id", "prompt", "response_a", "response_b", "principle_id")
+    records = _checked_records(path, "feedback", fields)
+    for number, record in records:
+        p_a = record.get("p_a")
+        if isinstance(p_a, bool) or not isinstance(p_a, (int, float)) or not 0 <= p_a <= 1:
+            raise UserError(f"{path}:{number}: field 'p_a': expected a probability in [0, 1], got {p_a!r}")
+    return [record for _, record in records]
 
-    def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            return {"stages": {}}
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
 
-    def stage_status(self, stage: str) -> str:
-        return self.read_manifest()["stages"].get(stage, {}).get("status", "pending")
+def conversation(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """A record's turns up to and including its prompt, as (role, text) pairs."""
+    return [(turn["role"], turn["text"]) for turn in record.get("history", [])] + [("human", record["prompt"])]
 
-    def update_stage(self, stage: str, **fields: Any) -> None:
-        """Merge `fields` into the stage's manifest entry and write the manifest atomically."""
-        manifest = self.read_manifest()
-        entry = manifest["stages"].setdefault(stage, {"status": "pending"})
-        entry.update(fields)
-        write_json_atomic(self.manifest_path, manifest)
 
-    def start_stage(self, stage: str, inputs: dict[str, str]) -> None:
-        """Mark a stage running, with its input hashes and the package versions."""
-        self.update_stage(
-            stage, status="running", started=_now(), ended=None, inputs=inputs, versions=package_versions(), error=None
-        )
+def _checked_records(path: Path, made_by: str, fields: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
+    """Records with their line numbers, each holding `fields` as strings and a well-formed history.
 
-    def finish_stage(self, stage: str, counts: dict[str, Any]) -> None:
-        self.update_stage(stage, status="done", ended=_now(), counts=counts)
+    Raises:
+        UserError: the file is missing (naming the stage that makes it), or a record lacks a field.
+    """
+    if not path.exists():
+        raise UserError(f"{path}: not found; run stage '{made_by}' first")
+    records = numbered_records(path)
+    for number, record in records:
+        for name in fields:
+            if name not in record:
+                raise UserError(f"{path}:{number}: missing field {name!r}")
+            if not isinstance(record[name], str):
+                raise UserError(f"{path}:{number}: field {name!r}: expected a string")
+        _check_history(record.get("history", []), f"{path}:{number}")
+    return records
 
-    def fail_stage(self, stage: str, error: str) -> None:
-        self.update_stage(stage, status="failed", ended=_now(), error=error)
+
+def _check_history(history: Any, where: str) -> None:
+    """`history` is optional: a list of {role, text} turns before the prompt."""
+    if not isinstance(history, list):
+        raise UserError(f"{where}: field 'history': expected a list of turns")
+    for turn in history:
+        if not (isinstance(turn, dict) and turn.get("role") in PLAIN_LABELS and isinstance(turn.get("text"), str)):
+            raise UserError(f"{where}: field 'history': expected turns like {{\"role\": \"human\", \"text\": \"...\"}}")
+
+
+# ----------------------------------------------------------------------------- the chunk loop
+
+
+def append_in_chunks(
+    output: Path,
+    items: Sequence[Item],
+    item_id: Callable[[Item], str],
+    open_model: Callable[[], Backend],
+    process: Callable[[Backend, list[Item], Callable[[int], Any]], list[dict[str, Any]]],
+    *,
+    chunk_size: int,
+    desc: str,
+    unit: str = "record",
+    units: Callable[[Item], int] = lambda item: 1,
+) -> int:
+    """Make one record file resumably: skip finished items, open the model, process the rest in chunks.
+
+    Every generating stage runs through here. Records already in `output` (a partial last line
+    from a crash is repaired away) are not made again, and the model is not even loaded when
+    nothing is left; each chunk's records are appended and fsync'd before the next chunk starts,
+    so an interruption loses at most the chunk in flight (and the generation cache makes redoing
+    it cheap).
+
+    Args:
+        output: the record file.
+        items: everything the file should hold a record for, in order.
+        item_id: the record id an item turns into.
+        open_model: loads the back end (called once, only if there is work; closed at the end).
+        process: makes the records of one chunk from (back end, chunk, progress callback taking a
+            number of `unit`s done). It may return fewer records than items: a dropped item is
+            tried again on resume.
+        chunk_size: items per chunk.
+        desc, unit: progress bar label and unit.
+        units: how many progress units an item is worth (e.g. generated turns); `process` reports them.
+
+    Returns:
+        The number of items that were still to do.
+    """
+    done = {record["id"] for record in read_records(output, repair=True)}
+    todo = [item for item in items if item_id(item) not in done]
+    log.info("%s: %d items, %d already done, %d to go", desc, len(items), len(items) - len(todo), len(todo))
+    if not todo:
+        return 0
+    backend = open_model()
+    try:
+        with tqdm(total=sum(units(item) for item in todo), desc=desc, unit=unit) as bar:
+            for start in range(0, len(todo), chunk_size):
+                append_records(output, process(backend, list(todo[start : start + chunk_size]), bar.update))
+    finally:
+        backend.close()
+    return len(todo)

@@ -1,25 +1,21 @@
 """Back ends registered by name and imported lazily.
 
 `import constitutional` needs neither vLLM nor an HTTP client: a back end's module is imported
-only when a config selects it. Each module exposes `load(model_name, config) -> Backend`.
+only when a config selects it. Each module exposes `load(model_name, settings, base_dir, seed)
+-> Backend`, where `settings` is its own config section (see `backends/settings.py`).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop
 from constitutional.errors import UserError
 
-if TYPE_CHECKING:
-    from pathlib import Path
+__all__ = ["Backend", "SamplingParams", "cut_at_stop", "BACKENDS", "register_backend", "import_backend", "load_backend"]
 
-    from constitutional.config import Config, ModelSpec
-
-__all__ = ["Backend", "SamplingParams", "cut_at_stop", "BACKENDS", "register_backend", "import_backend", "load_backend", "open_backend"]
-
-# name -> "module:function"; the function takes (model_name, config) and returns a Backend.
+# name -> "module:function"; the function takes (model_name, settings, base_dir, seed) and returns a Backend.
 BACKENDS: dict[str, str] = {
     "transformers": "constitutional.backends.transformers:load",
     "openai": "constitutional.backends.openai:load",
@@ -32,13 +28,20 @@ def register_backend(name: str, target: str) -> None:
     BACKENDS[name] = target
 
 
-def load_backend(backend_name: str, model_name: str, config: "Config") -> Backend:
+def load_backend(backend_name: str, model_name: str, settings: Any, base_dir: str, seed: int) -> Backend:
     """Import the back end's module and load `model_name` with it.
+
+    Args:
+        backend_name: a registered name (`transformers`, `openai`, `vllm`, ...).
+        model_name: the model as the back end knows it (path, hub id, server-side name).
+        settings: the back end's own config section.
+        base_dir: the config's folder (relative model paths resolve against it).
+        seed: the run seed.
 
     Raises:
         UserError: unknown back end name, or its optional dependency is not installed.
     """
-    return getattr(import_backend(backend_name), BACKENDS[backend_name].split(":")[1])(model_name, config)
+    return getattr(import_backend(backend_name), BACKENDS[backend_name].split(":")[1])(model_name, settings, base_dir, seed)
 
 
 def import_backend(backend_name: str) -> Any:
@@ -56,20 +59,3 @@ def import_backend(backend_name: str) -> Any:
             f"back end {backend_name!r} needs a package that is not installed ({error.name}); "
             f"install it, e.g. `pip install 'constitutional[{backend_name}]'`"
         ) from error
-
-
-def open_backend(spec: "ModelSpec", config: "Config", cache_path: "Path | None") -> Backend:
-    """Load the model named by `spec` with its back end, behind the generation cache if enabled.
-
-    Args:
-        spec: the model (name, back end override).
-        config: the run's config (back-end settings, cache settings).
-        cache_path: where the cache lives unless `config.cache.path` says otherwise.
-    """
-    from constitutional.backends.cache import CachingBackend
-
-    backend = load_backend(config.backend_for(spec), spec.name, config)
-    if not config.cache.enabled:
-        return backend
-    path = config.resolve_path(config.cache.path) if config.cache.path else cache_path
-    return CachingBackend(backend, path) if path is not None else backend

@@ -322,18 +322,18 @@ def _one_line(text: str) -> str:
 # --------------------------------------------------------------------------------- registry entry
 
 
-def load(model_name: str, config: Any) -> OpenAIBackend:
-    """Build the back end from `config.openai`, the key from the environment.
+def load(model_name: str, settings: OpenAISettings, base_dir: str, seed: int) -> OpenAIBackend:
+    """Build the back end from the `openai` settings, the key from the environment.
 
     Args:
         model_name: the model's name as the server knows it.
-        config: a `constitutional.config.Config`; its `openai` section holds the settings.
+        settings: the config's `openai` section.
+        base_dir, seed: unused (the server resolves names; every request carries its own seed).
 
     Returns:
         An OpenAIBackend. Without the key's variable set, requests carry no Authorization header
         (local servers need none).
     """
-    settings = config.openai
     return OpenAIBackend(
         model=model_name,
         base_url=settings.base_url,

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, option_token_ids
+from constitutional.backends.settings import TransformersSettings
 from constitutional.models import fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
 
 log = logging.getLogger(__name__)
@@ -372,10 +373,12 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load(model_name: str, config: Any) -> TransformersBackend:
-    """Load `model_name` as configured in `config.transformers`."""
-    settings = config.transformers
-    ref = resolve_model_name(model_name, config.base_dir)
+def load(model_name: str, settings: TransformersSettings, base_dir: str, seed: int) -> TransformersBackend:
+    """Load `model_name` (resolved against the config's folder `base_dir`) with the `transformers` settings.
+
+    The run seed is unused: every request carries its own sampling seed.
+    """
+    ref = resolve_model_name(model_name, base_dir)
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)
     tokenizer = load_tokenizer(ref, settings.trust_remote_code)

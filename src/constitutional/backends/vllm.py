@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import vllm
 
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, option_token_ids
+from constitutional.backends.settings import VLLMSettings
 from constitutional.models import fingerprint, local_weights_dir, resolve_model_name
 
 
@@ -68,10 +69,9 @@ class VLLMBackend(Backend):
         return [sums[i * width : (i + 1) * width] for i in range(len(prompts))]
 
 
-def load(model_name: str, config: Any) -> VLLMBackend:
-    """Start a vLLM engine for `model_name` as configured in `config.vllm`."""
-    settings = config.vllm
-    ref = resolve_model_name(model_name, config.base_dir)
+def load(model_name: str, settings: VLLMSettings, base_dir: str, seed: int) -> VLLMBackend:
+    """Start a vLLM engine for `model_name` (resolved against `base_dir`) with the `vllm` settings."""
+    ref = resolve_model_name(model_name, base_dir)
     engine = vllm.LLM(
         model=local_weights_dir(ref),
         dtype=settings.dtype,
@@ -79,6 +79,6 @@ def load(model_name: str, config: Any) -> VLLMBackend:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_model_len=settings.max_model_len,
         trust_remote_code=settings.trust_remote_code,
-        seed=config.seed,
+        seed=seed,
     )
     return VLLMBackend(engine, f"vllm:{fingerprint(ref)}")

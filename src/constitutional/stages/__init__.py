@@ -1,9 +1,35 @@
-"""The pipeline's stages, one module each, in the paper's order.
+"""The pipeline's stages, one module each, registered here in the paper's order.
 
-Each stage module has `NAME`, `check(config) -> inputs` (loads and validates what the stage reads;
-writes nothing), `input_hashes(inputs) -> dict` and `run(config, run_dir, inputs) -> counts`.
+The stage contract: a stage module has
+- `NAME`: its name, also the name of its config section;
+- `Settings`: the dataclass of that section, fields documented, with a `validate()` that names a bad
+  key. Fields made with `sections.runtime(...)` change how it runs, not what it produces;
+- `CONFIG_KEYS`: the keys outside its own section whose values shape its output ("seed",
+  "models.helpful", ...). Together with its section they are the stage's settings: the manifest
+  records them, and a later run that changes one makes the stage stale;
+- `reads(config, settings) -> [artefact]`: the artefacts of the run directory it reads (names from
+  `rundir.ARTEFACTS`; which stage makes each is recorded there);
+- `check(config, settings) -> inputs`: loads and validates everything it reads from outside the
+  run directory, writing nothing (every stage is checked before the first one runs);
+- `input_hashes(inputs) -> {name: fingerprint}` of those outside inputs;
+- `run(config, settings, run_dir, inputs) -> counts`: does the work, resuming what was started.
+Stages never import each other: they talk through the run directory.
 """
 
-# The paper's order. A stage listed here but not yet built is refused with a clear message.
-ORDER = ("critique", "sl", "pairs", "feedback", "pm", "rl", "eval")
-BUILT = ("critique", "sl", "pairs", "feedback")
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# The paper's order; pm, rl and eval are on their way.
+STAGES = ("critique", "sl", "pairs", "feedback")
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of stage `name` (one of STAGES)."""
+    return importlib.import_module(f"constitutional.stages.{name}")
+
+
+def stage_modules() -> dict[str, ModuleType]:
+    """Every registered stage's module, in pipeline order."""
+    return {name: stage_module(name) for name in STAGES}

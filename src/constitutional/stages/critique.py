@@ -8,31 +8,58 @@ each round) and revises it. Helpfulness prompts are answered once, for the SL mi
 Prompts move through the rounds in chunks: all prompts of a chunk share each generate call (the
 back end batches them), and a chunk's records are appended as soon as its last round is done.
 With the generation cache, an interrupted chunk costs nothing to redo.
+
+Every generated turn is checked: empty or looping output, and output that copies a long span of
+a few-shot example (small base models do), is flagged and never becomes `final_response`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from tqdm import tqdm
-
-from constitutional.backends import Backend, SamplingParams, import_backend, open_backend
-from constitutional.config import Config
+from constitutional.backends import Backend, SamplingParams
+from constitutional.backends.settings import require, require_positive
 from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution, sample_principles
-from constitutional.models import resolve_model_name
-from constitutional.prompts import STOP_STRINGS, Turn, degeneracy, render, trim_at_turn_marker
-from constitutional.records import RunDir, append_records, read_records
+from constitutional.prompts import COPIED_FEWSHOT, STOP_STRINGS, FewshotEcho, Turn, degeneracy, render, trim_at_turn_marker
+from constitutional.records import append_in_chunks, read_records
+from constitutional.rundir import RunDir
+from constitutional.sections import CoreConfig, runtime
+from constitutional.seeding import seed_for
 from constitutional.sources import PromptItem, load_prompts
 
-log = logging.getLogger(__name__)
-
 NAME = "critique"
-OUTPUT = "critiques.jsonl"
+# Config keys outside its own section that shape its output (fingerprinted in the manifest).
+CONFIG_KEYS = ("seed", "constitution", "models.helpful", "data.red_team", "data.helpful", "data.max_red_team", "data.max_helpful")
+
+
+@dataclass
+class Settings:
+    """Config section `critique` (paper steps 1-3)."""
+
+    rounds: int = 4  # critique-revision rounds, a freshly sampled principle each (paper: 4)
+    max_new_tokens: int = 128  # per answer, critique and revision
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    num_fewshot: int | None = None  # critique/revision examples in the prompt (None: all)
+    chunk_size: int = runtime(32)  # prompts carried through all rounds together, then written out
+
+    def validate(self) -> None:
+        require(self.rounds >= 0, f"critique.rounds: expected 0 or more, got {self.rounds}")
+        require_positive("critique.max_new_tokens", self.max_new_tokens)
+        require_positive("critique.chunk_size", self.chunk_size)
+        require(self.temperature >= 0, f"critique.temperature: expected 0 or more, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"critique.top_p: expected a number in (0, 1], got {self.top_p}")
+        require(self.num_fewshot is None or self.num_fewshot >= 0, f"critique.num_fewshot: expected 0 or more, got {self.num_fewshot}")
+
+
+def reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """Artefacts of the run directory the stage reads: none, it starts the pipeline."""
+    return []
 
 
 @dataclass
@@ -45,11 +72,9 @@ class Inputs:
     assistant_preamble: str
 
 
-def check(config: Config) -> Inputs:
+def check(config: CoreConfig, settings: Settings) -> Inputs:
     """Load and validate the stage's inputs (constitution, prompts, model name); writes nothing."""
-    import_backend(config.backend_for(config.models.helpful))
-    if config.backend_for(config.models.helpful) != "openai":
-        resolve_model_name(config.models.helpful.name, config.base_dir)
+    config.check_model(config.models.helpful, "models.helpful")
     constitution = load_constitution(config.constitution, config.base_dir)
     red_team = load_prompts(
         config.data.red_team, prefix="rt", limit=config.data.max_red_team, base_dir=config.base_dir,
@@ -64,7 +89,7 @@ def check(config: Config) -> Inputs:
 
 
 def input_hashes(inputs: Inputs) -> dict[str, str]:
-    """Fingerprints of what the stage read, for the manifest."""
+    """Fingerprints of what the stage read from outside the run directory, for the manifest."""
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -73,74 +98,71 @@ def input_hashes(inputs: Inputs) -> dict[str, str]:
         "constitution": digest(repr(inputs.constitution)),
         "red_team": digest([item.id for item in inputs.red_team]),
         "helpful": digest([item.id for item in inputs.helpful]),
+        "assistant_preamble": digest(inputs.assistant_preamble),
     }
 
 
-def run(config: Config, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
+def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
     """Run the stage, resuming from the records already in `data/critiques.jsonl`.
 
     Returns:
         Counts for the manifest.
     """
-    output = run_dir.data(OUTPUT)
-    done = {record["id"] for record in read_records(output, repair=True)}
+    output = run_dir.path("critiques")
     items = [(item, "red_team") for item in inputs.red_team] + [(item, "helpful") for item in inputs.helpful]
-    todo = [(item, kind) for item, kind in items if item.id not in done]
-    log.info("critique: %d prompts, %d already done, %d to go", len(items), len(items) - len(todo), len(todo))
-    if todo:
-        backend = open_backend(config.models.helpful, config, run_dir.root / "cache" / "generations.sqlite")
-        # The bar counts generated turns (answers, critiques, revisions): records only appear at
-        # the end of each chunk, turns show steady progress with a meaningful rate and ETA.
-        turns = sum(1 + 2 * config.critique.rounds if kind == "red_team" else 1 for _, kind in todo)
-        try:
-            with tqdm(total=turns, desc="critique", unit="turn") as bar:
-                writer = CritiqueWriter(config, inputs, backend, on_turns=bar.update)
-                for start in range(0, len(todo), config.critique.chunk_size):
-                    append_records(output, writer.process(todo[start : start + config.critique.chunk_size]))
-        finally:
-            backend.close()
+
+    def process(backend: Backend, chunk: list[tuple[PromptItem, str]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
+        return CritiqueWriter(config, settings, inputs, backend, on_turns=advance).process(chunk)
+
+    # The bar counts generated turns (answers, critiques, revisions): records only appear at the
+    # end of each chunk, turns show steady progress with a meaningful rate and ETA.
+    append_in_chunks(
+        output, items, lambda pair: pair[0].id,
+        lambda: config.open_backend(config.models.helpful, run_dir.cache_path),
+        process, chunk_size=settings.chunk_size, desc="critique", unit="turn",
+        units=lambda pair: 1 + 2 * settings.rounds if pair[1] == "red_team" else 1,
+    )
     return summarize(read_records(output))
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Record counts for the manifest: totals by kind and how many carry flags."""
+    """Record counts for the manifest: totals by kind and how many carry which flags."""
     return {
         "records": len(records),
         "red_team": sum(record["kind"] == "red_team" for record in records),
         "helpful": sum(record["kind"] == "helpful" for record in records),
         "flagged": sum(bool(record["flags"]) for record in records),
+        "copied_fewshot": sum(any(flag.endswith(":" + COPIED_FEWSHOT) for flag in record["flags"]) for record in records),
         "without_usable_final_response": sum(not record["final_response"] for record in records),
     }
-
-
-def seed_for(seed: int, *parts: str) -> int:
-    """A per-request sampling seed derived from the run seed, so results do not depend on batching."""
-    digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 class CritiqueWriter:
     """Carries a chunk of prompts through answer, critique and revision rounds."""
 
     def __init__(
-        self, config: Config, inputs: Inputs, backend: Backend, on_turns: Callable[[int], Any] | None = None
+        self, config: CoreConfig, settings: Settings, inputs: Inputs, backend: Backend,
+        on_turns: Callable[[int], Any] | None = None,
     ):
         """
         Args:
-            config: the run's config.
+            config: the run's config (seed, models.helpful).
+            settings: the `critique` section.
             inputs: what `check` loaded.
             backend: the helpful model.
             on_turns: called with the number of turns generated after each generate call (progress).
         """
         self.on_turns = on_turns or (lambda count: None)
-        self.config = config
+        self.seed = config.seed
+        self.rounds = settings.rounds
         self.backend = backend
         self.constitution = inputs.constitution
         self.assistant_preamble = inputs.assistant_preamble
         fewshot = inputs.constitution.critique_fewshot
-        self.critique_fewshot = fewshot if config.critique.num_fewshot is None else fewshot[: config.critique.num_fewshot]
+        self.critique_fewshot = fewshot if settings.num_fewshot is None else fewshot[: settings.num_fewshot]
+        # Spans of the examples in the prompt: output that reproduces one is flagged.
+        self.echo = FewshotEcho([self.assistant_preamble, *self.critique_fewshot])
         self.prompt_format = config.models.helpful.prompt_format
-        settings = config.critique
         self.params = SamplingParams(
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
@@ -157,7 +179,7 @@ class CritiqueWriter:
         records = [self._new_record(item, kind) for item, kind in chunk]
         answers = self._generate(
             [self._render(item, [], "assistant", [self.assistant_preamble]) for item, _ in chunk],
-            [seed_for(self.config.seed, item.id, "answer") for item, _ in chunk],
+            [seed_for(self.seed, item.id, "answer") for item, _ in chunk],
         )
         for record, answer in zip(records, answers):
             record["initial_response"] = answer
@@ -165,11 +187,11 @@ class CritiqueWriter:
         red_team = [(item, record) for (item, _), record in zip(chunk, records) if record["kind"] == "red_team"]
         principles = {
             item.id: sample_principles(
-                self.constitution.critique_principles, self.config.critique.rounds, self.config.seed, item.id
+                self.constitution.critique_principles, self.rounds, self.seed, item.id
             )
             for item, _ in red_team
         }
-        for round_index in range(self.config.critique.rounds):
+        for round_index in range(self.rounds):
             self._critique_round(red_team, principles, round_index)
         for record in records:
             record["final_response"] = _final_response(record)
@@ -193,7 +215,7 @@ class CritiqueWriter:
 
         critiques = self._generate(
             [self._render(item, conversation(i), "critique", self.critique_fewshot) for i, (item, _) in enumerate(red_team)],
-            [seed_for(self.config.seed, item.id, step, "critique") for item, _ in red_team],
+            [seed_for(self.seed, item.id, step, "critique") for item, _ in red_team],
         )
         revisions = self._generate(
             [
@@ -205,7 +227,7 @@ class CritiqueWriter:
                 )
                 for i, (item, _) in enumerate(red_team)
             ],
-            [seed_for(self.config.seed, item.id, step, "revision") for item, _ in red_team],
+            [seed_for(self.seed, item.id, step, "revision") for item, _ in red_team],
         )
         for (_, record), principle, critique, revision in zip(red_team, chosen, critiques, revisions):
             position = len(record["revisions"])
@@ -231,9 +253,8 @@ class CritiqueWriter:
         record.update(initial_response="", revisions=[], final_response="", flags=[])
         return record
 
-    @staticmethod
-    def _flag(record: dict[str, Any], field: str, text: str) -> None:
-        problem = degeneracy(text)
+    def _flag(self, record: dict[str, Any], field: str, text: str) -> None:
+        problem = degeneracy(text) or (COPIED_FEWSHOT if self.echo.copies(text) else None)
         if problem:
             record["flags"].append(f"{field}:{problem}")
 

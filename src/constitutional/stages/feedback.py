@@ -21,48 +21,63 @@ Output: `data/ai_labels.jsonl`, one record per pair with `p_a`, the principle id
 
 from __future__ import annotations
 
-import logging
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from tqdm import tqdm
-
-from constitutional.backends import Backend, SamplingParams, import_backend, open_backend
-from constitutional.config import Config, FeedbackConfig
+from constitutional.backends import Backend, SamplingParams
+from constitutional.backends.settings import require, require_positive
 from constitutional.constitution import Constitution, FeedbackPrinciple, load_constitution, sample_principles
 from constitutional.errors import UserError
-from constitutional.models import resolve_model_name
-from constitutional.records import RunDir, append_records, file_sha256, read_records
-from constitutional.stages.critique import seed_for
-from constitutional.stages.pairs import OUTPUT as PAIRS
-
-log = logging.getLogger(__name__)
+from constitutional.records import append_in_chunks, conversation, read_pairs, read_records
+from constitutional.rundir import RunDir
+from constitutional.sections import CoreConfig, runtime
+from constitutional.seeding import seed_for
 
 NAME = "feedback"
-OUTPUT = "ai_labels.jsonl"
+CONFIG_KEYS = ("seed", "constitution", "models.feedback")
 OPTIONS = (" (A)", " (B)")
 ORDERS = ("ab", "ba")  # "ba": response_b is shown as option (A)
 COT_STOP = ("\nHuman:", "So the answer is")
 
 
-def check(config: Config) -> Constitution:
-    """Validate settings and load the constitution; writes nothing."""
-    settings = config.feedback
-    if settings.principles_per_comparison < 1:
-        raise UserError(f"feedback.principles_per_comparison: expected 1 or more, got {settings.principles_per_comparison}")
-    if not 0 <= settings.clamp_low < 0.5 < settings.clamp_high <= 1:
-        raise UserError(
-            f"feedback.clamp_low/clamp_high: expected 0 <= low < 0.5 < high <= 1, "
-            f"got {settings.clamp_low}, {settings.clamp_high}"
+@dataclass
+class Settings:
+    """Config section `feedback` (paper step 6): multiple-choice AI preference labels."""
+
+    debias: bool = True  # score both option orders and average (position bias)
+    principles_per_comparison: int = 1  # k > 1: ensemble over k sampled principles, averaged
+    cot: bool = False  # chain-of-thought first, then read the option probabilities
+    cot_max_new_tokens: int = 128
+    clamp_low: float = 0.4  # with chain-of-thought, p_a is clamped to [clamp_low, clamp_high]
+    clamp_high: float = 0.6
+    hard_labels: bool = False  # ablation: p_a rounded to 0 or 1
+    num_fewshot: int | None = None  # few-shot examples in the prompt (None: all)
+    chunk_size: int = runtime(32)
+
+    def validate(self) -> None:
+        require(
+            self.principles_per_comparison >= 1,
+            f"feedback.principles_per_comparison: expected 1 or more, got {self.principles_per_comparison}",
         )
-    for key in ("cot_max_new_tokens", "chunk_size"):
-        if getattr(settings, key) <= 0:
-            raise UserError(f"feedback.{key}: expected a positive number, got {getattr(settings, key)}")
-    backend = config.backend_for(config.models.feedback)
-    import_backend(backend)
-    if backend != "openai":
-        resolve_model_name(config.models.feedback.name, config.base_dir)
+        require(
+            0 <= self.clamp_low < 0.5 < self.clamp_high <= 1,
+            f"feedback.clamp_low/clamp_high: expected 0 <= low < 0.5 < high <= 1, got {self.clamp_low}, {self.clamp_high}",
+        )
+        require_positive("feedback.cot_max_new_tokens", self.cot_max_new_tokens)
+        require_positive("feedback.chunk_size", self.chunk_size)
+        require(self.num_fewshot is None or self.num_fewshot >= 0, f"feedback.num_fewshot: expected 0 or more, got {self.num_fewshot}")
+
+
+def reads(config: CoreConfig, settings: Settings) -> list[str]:
+    return ["pairs"]
+
+
+def check(config: CoreConfig, settings: Settings) -> Constitution:
+    """Validate the feedback model and load the constitution; writes nothing."""
+    config.check_model(config.models.feedback, "models.feedback")
     return load_constitution(config.constitution, config.base_dir)
 
 
@@ -70,49 +85,33 @@ def input_hashes(constitution: Constitution) -> dict[str, str]:
     return {"constitution": constitution.source, "feedback_principles": ",".join(p.id for p in constitution.feedback_principles)}
 
 
-def run(config: Config, run_dir: RunDir, constitution: Constitution) -> dict[str, Any]:
+def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: Constitution) -> dict[str, Any]:
     """Label every pair of `data/pairs.jsonl`, resuming from the labels already written."""
-    pairs = read_pairs(run_dir.data(PAIRS))
-    output = run_dir.data(OUTPUT)
-    done = {record["id"] for record in read_records(output, repair=True)}
-    todo = [pair for pair in pairs if pair["id"] not in done]
-    log.info("feedback: %d pairs, %d to label", len(pairs), len(todo))
-    if todo:
-        backend = open_backend(config.models.feedback, config, run_dir.root / "cache" / "generations.sqlite")
-        try:
-            with tqdm(total=len(todo), desc="feedback", unit="pair") as bar:
-                for start in range(0, len(todo), config.feedback.chunk_size):
-                    chunk = todo[start : start + config.feedback.chunk_size]
-                    append_records(output, label_comparisons(backend, constitution, chunk, config.feedback, config.seed))
-                    bar.update(len(chunk))
-        finally:
-            backend.close()
+    pairs = read_pairs(run_dir.path("pairs"))
+
+    def process(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
+        labels = label_comparisons(backend, constitution, chunk, settings, config.seed)
+        advance(len(chunk))
+        return labels
+
+    output = run_dir.path("ai_labels")
+    append_in_chunks(
+        output, pairs, lambda pair: pair["id"], lambda: config.open_backend(config.models.feedback, run_dir.cache_path),
+        process, chunk_size=settings.chunk_size, desc="feedback", unit="pair",
+    )
     labels = read_records(output)
     return {
         "pairs": len(pairs),
         "labels": len(labels),
         "mean_p_a": round(sum(label["p_a"] for label in labels) / max(1, len(labels)), 4),
-        "pairs_sha256": file_sha256(run_dir.data(PAIRS))[:16],
     }
-
-
-def read_pairs(path: Any) -> list[dict[str, Any]]:
-    """The pairs file, checked for the fields labelling needs."""
-    if not path.exists():
-        raise UserError(f"{path}: not found; run stage 'pairs' first")
-    records = read_records(path)
-    for number, record in enumerate(records, start=1):
-        for field in ("id", "prompt", "response_a", "response_b"):
-            if not isinstance(record.get(field), str):
-                raise UserError(f"{path}:{number}: missing field {field!r}")
-    return records
 
 
 def label_comparisons(
     backend: Backend,
     constitution: Constitution,
     comparisons: Sequence[dict[str, Any]],
-    settings: FeedbackConfig,
+    settings: Settings,
     seed: int,
 ) -> list[dict[str, Any]]:
     """Soft AI preference labels for a batch of comparisons.
@@ -164,7 +163,7 @@ def write_reasoning(
     backend: Backend,
     readings: list[tuple[int, FeedbackPrinciple, str, str]],
     comparisons: Sequence[dict[str, Any]],
-    settings: FeedbackConfig,
+    settings: Settings,
     seed: int,
 ) -> list[str]:
     """Chain-of-thought: the model's step-by-step reasoning after each question (greedy)."""
@@ -206,11 +205,11 @@ def finish_record(record: dict[str, Any], hard_labels: bool) -> None:
 
 def render_question(
     constitution: Constitution, comparison: dict[str, Any], principle: FeedbackPrinciple, order: str,
-    settings: FeedbackConfig,
+    settings: Settings,
 ) -> str:
     """The multiple-choice question for one comparison, principle and option order."""
     first, second = ("response_a", "response_b") if order == "ab" else ("response_b", "response_a")
-    turns = [(turn["role"], turn["text"]) for turn in comparison.get("history", [])] + [("human", comparison["prompt"])]
+    turns = conversation(comparison)
     if settings.cot:
         examples = [fill_cot_example(example, principle) for example in limit(constitution.cot_fewshot, settings)]
         question = cot_question(turns, principle, comparison[first], comparison[second])
@@ -227,7 +226,7 @@ def render_question(
     return "\n\n".join(examples + [multiple_choice(turns, principle, comparison[first], comparison[second])])
 
 
-def limit(examples: Sequence[Any], settings: FeedbackConfig) -> list[Any]:
+def limit(examples: Sequence[Any], settings: Settings) -> list[Any]:
     return list(examples if settings.num_fewshot is None else examples[: settings.num_fewshot])
 
 

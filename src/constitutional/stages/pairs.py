@@ -8,107 +8,96 @@ in the manifest). Output: `data/pairs.jsonl` with `id`, `prompt`, `response_a`, 
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
-
-from constitutional.backends import SamplingParams, import_backend, open_backend
-from constitutional.config import Config, ModelSpec
+from constitutional.backends import Backend, SamplingParams, import_backend
+from constitutional.backends.settings import require, require_positive
 from constitutional.errors import UserError
-from constitutional.models import resolve_model_name
 from constitutional.prompts import STOP_STRINGS, render_plain, trim_at_turn_marker
-from constitutional.records import RunDir, append_records, file_sha256, read_records
-from constitutional.stages.critique import OUTPUT as CRITIQUES, seed_for
-
-log = logging.getLogger(__name__)
+from constitutional.records import append_in_chunks, conversation, read_critiques, read_records
+from constitutional.rundir import RunDir
+from constitutional.sections import CoreConfig, ModelSpec, runtime
+from constitutional.seeding import seed_for
 
 NAME = "pairs"
-OUTPUT = "pairs.jsonl"
+CONFIG_KEYS = ("seed", "models.base.backend")  # SL-CAI is served by the base model's back end
 
 
-def check(config: Config) -> ModelSpec | None:
-    """Validate settings; the SL-CAI model itself is only there once stage `sl` has run."""
-    settings = config.pairs
-    if settings.temperature <= 0:
-        raise UserError(f"pairs.temperature: expected a positive number (two samples must differ), got {settings.temperature}")
-    if not 0 < settings.top_p <= 1:
-        raise UserError(f"pairs.top_p: expected a number in (0, 1], got {settings.top_p}")
-    for key in ("max_new_tokens", "chunk_size"):
-        if getattr(settings, key) <= 0:
-            raise UserError(f"pairs.{key}: expected a positive number, got {getattr(settings, key)}")
-    backend = config.backend_for(config.models.base)
-    import_backend(backend)
+@dataclass
+class Settings:
+    """Config section `pairs` (paper step 5): SL-CAI samples two answers per red-team prompt."""
+
+    model: str | None = None  # default: the run's models/sl-cai
+    temperature: float = 1.0  # the paper: T = 1
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    chunk_size: int = runtime(32)
+
+    def validate(self) -> None:
+        require(self.temperature > 0, f"pairs.temperature: expected a positive number (two samples must differ), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"pairs.top_p: expected a number in (0, 1], got {self.top_p}")
+        require_positive("pairs.max_new_tokens", self.max_new_tokens)
+        require_positive("pairs.chunk_size", self.chunk_size)
+
+
+def reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """The critiques (for the red-team prompts) and SL-CAI, unless `pairs.model` names another model."""
+    return ["critiques"] if settings.model else ["critiques", "sl_cai"]
+
+
+def check(config: CoreConfig, settings: Settings) -> ModelSpec | None:
+    """Validate the model; SL-CAI itself only exists once stage `sl` has run."""
     if settings.model is None:
+        import_backend(config.backend_for(config.models.base))  # SL-CAI is served by the base model's back end
         return None
-    if backend != "openai":
-        resolve_model_name(settings.model, config.base_dir)
-    return ModelSpec(name=settings.model, backend=config.models.base.backend, prompt_format="plain")
+    spec = ModelSpec(name=settings.model, backend=config.models.base.backend, prompt_format="plain")
+    config.check_model(spec, "pairs.model")
+    return spec
 
 
 def input_hashes(inputs: ModelSpec | None) -> dict[str, str]:
-    return {"model": inputs.name if inputs else "models/sl-cai"}
+    """The model named by `pairs.model` (SL-CAI is fingerprinted as a run artefact)."""
+    return {"model": inputs.name} if inputs else {}
 
 
-def run(config: Config, run_dir: RunDir, inputs: ModelSpec | None) -> dict[str, Any]:
+def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: ModelSpec | None) -> dict[str, Any]:
     """Sample two answers per red-team prompt, resuming from the pairs already written.
 
     Returns:
         Counts for the manifest.
     """
     spec = inputs or sl_cai_spec(config, run_dir)
-    prompts = red_team_prompts(run_dir)
-    output = run_dir.data(OUTPUT)
-    done = {record["id"] for record in read_records(output, repair=True)}
-    todo = [record for record in prompts if record["id"] not in done]
-    log.info("pairs: %d red-team prompts, %d to sample", len(prompts), len(todo))
-    if todo:
-        params = SamplingParams(
-            max_new_tokens=config.pairs.max_new_tokens,
-            temperature=config.pairs.temperature,
-            top_p=config.pairs.top_p,
-            stop=STOP_STRINGS,
-        )
-        backend = open_backend(spec, config, run_dir.root / "cache" / "generations.sqlite")
-        try:
-            with tqdm(total=len(todo), desc="pairs", unit="prompt") as bar:
-                for start in range(0, len(todo), config.pairs.chunk_size):
-                    chunk = todo[start : start + config.pairs.chunk_size]
-                    append_records(output, sample_pairs(backend, chunk, params, config.seed))
-                    bar.update(len(chunk))
-        finally:
-            backend.close()
+    prompts = [record for record in read_critiques(run_dir.path("critiques")) if record["kind"] == "red_team"]
+    params = SamplingParams(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        stop=STOP_STRINGS,
+    )
+
+    def process(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
+        pairs = sample_pairs(backend, chunk, params, config.seed)
+        advance(len(chunk))
+        return pairs
+
+    output = run_dir.path("pairs")
+    append_in_chunks(
+        output, prompts, lambda record: record["id"], lambda: config.open_backend(spec, run_dir.cache_path),
+        process, chunk_size=settings.chunk_size, desc="pairs", unit="prompt",
+    )
     written = read_records(output)
-    return {
-        "prompts": len(prompts),
-        "pairs": len(written),
-        "dropped_identical": len(prompts) - len(written),
-        "critiques_sha256": file_sha256(run_dir.data(CRITIQUES))[:16],
-    }
+    return {"prompts": len(prompts), "pairs": len(written), "dropped_identical": len(prompts) - len(written)}
 
 
-def sl_cai_spec(config: Config, run_dir: RunDir) -> ModelSpec:
+def sl_cai_spec(config: CoreConfig, run_dir: RunDir) -> ModelSpec:
     """The run's SL-CAI model, served by the base model's back end."""
-    path = run_dir.model("sl-cai")
+    path = run_dir.path("sl_cai")
     if not (path / "config.json").exists():
         raise UserError(f"{path}: no SL-CAI model; run stage 'sl' first or set pairs.model")
     return ModelSpec(name=str(path.resolve()), backend=config.models.base.backend, prompt_format="plain")
 
 
-def red_team_prompts(run_dir: RunDir) -> list[dict[str, Any]]:
-    """The red-team records of `data/critiques.jsonl` (id, prompt, history)."""
-    path = run_dir.data(CRITIQUES)
-    if not path.exists():
-        raise UserError(f"{path}: not found; run stage 'critique' first")
-    records = read_records(path)
-    for number, record in enumerate(records, start=1):
-        for field in ("id", "kind", "prompt"):
-            if field not in record:
-                raise UserError(f"{path}:{number}: missing field {field!r}")
-    return [record for record in records if record["kind"] == "red_team"]
-
-
-def sample_pairs(backend: Any, records: list[dict[str, Any]], params: SamplingParams, seed: int) -> list[dict[str, Any]]:
+def sample_pairs(backend: Backend, records: list[dict[str, Any]], params: SamplingParams, seed: int) -> list[dict[str, Any]]:
     """Two answers per record in one batched call; identical pairs are dropped.
 
     SL-CAI was fine-tuned on plain `Human:`/`Assistant:` transcripts, so it is prompted that way,
@@ -129,8 +118,3 @@ def sample_pairs(backend: Any, records: list[dict[str, Any]], params: SamplingPa
         pair.update(response_a=response_a, response_b=response_b)
         pairs.append(pair)
     return pairs
-
-
-def conversation(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """A record's turns up to and including the red-team prompt, as (role, text) pairs."""
-    return [(turn["role"], turn["text"]) for turn in record.get("history", [])] + [("human", record["prompt"])]

@@ -1,0 +1,80 @@
+"""Each back end's config section (`transformers:`, `openai:`, `vllm:`), validated on load.
+
+They live apart from the back ends themselves so that reading a config imports neither torch,
+vLLM nor an HTTP client. A back end's `load` receives its own section, the config's folder and the
+run seed, never the whole config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from constitutional.errors import UserError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line UserError unless `condition` holds (config validation)."""
+    if not condition:
+        raise UserError(message)
+
+
+def require_positive(key: str, value: int | float | None) -> None:
+    """`key` must be a positive number (None means "not set" and passes)."""
+    require(value is None or value > 0, f"{key}: expected a positive number, got {value}")
+
+
+@dataclass
+class TransformersSettings:
+    """The local `transformers` back end."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 where the hardware has it
+    batch_size: int = 32  # sequences per forward pass
+    # Prefill a batch's shared prompt prefix (few-shot examples) once. Exact for full-attention
+    # models; for sliding-window models with prompts longer than the window, see
+    # TransformersBackend._shareable_prefix_length.
+    share_prefix: bool = True
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        require(bool(DEVICE_PATTERN.match(self.device)), f"transformers.device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        require_positive("transformers.batch_size", self.batch_size)
+
+
+@dataclass
+class OpenAISettings:
+    """Any OpenAI-compatible completions server (vLLM, llama.cpp, TGI, hosted)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the config
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 6  # on 429, 5xx, timeouts and connection errors
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    def validate(self) -> None:
+        require(self.base_url.startswith(("http://", "https://")), f"openai.base_url: expected an http(s) URL, got {self.base_url!r}")
+        require_positive("openai.max_concurrency", self.max_concurrency)
+        require_positive("openai.timeout_s", self.timeout_s)
+        require(self.max_retries >= 0, f"openai.max_retries: expected 0 or more, got {self.max_retries}")
+
+
+@dataclass
+class VLLMSettings:
+    """The in-process vLLM engine (optional extra `constitutional[vllm]`)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        require_positive("vllm.tensor_parallel_size", self.tensor_parallel_size)
+        require(0 < self.gpu_memory_utilization <= 1, f"vllm.gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}")
+        require_positive("vllm.max_model_len", self.max_model_len)

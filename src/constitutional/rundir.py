@@ -1,0 +1,199 @@
+"""The run directory: where every artefact of a run lives, who makes it, and the manifest.
+
+```
+RUN_DIR/
+  config.yaml              the resolved config of the latest run
+  manifest.json            per stage: status, times, counts, versions, settings and input fingerprints
+  data/critiques.jsonl     critique    data/pairs.jsonl      pairs
+  data/ai_labels.jsonl     feedback    data/pm_train.jsonl, data/pm_eval.jsonl   pm
+  models/sl-cai/           sl          models/pm/   pm       models/rl-cai/   rl
+  eval/                    eval
+  checkpoints/<stage>/     training checkpoints (resume only)
+  cache/generations.sqlite the generation cache
+  previous/<time>/         outputs replaced by `--rerun`, with the config and manifest they came from
+```
+
+Every path of a run is named here and nowhere else; stages ask `RunDir.path(artefact)`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from constitutional.errors import UserError
+from constitutional.records import file_sha256, package_versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE_STATUSES = ("pending", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One output of a stage, by its place in the run directory."""
+
+    path: str  # relative to the run directory
+    made_by: str  # the stage that writes it
+
+
+ARTEFACTS: dict[str, Artefact] = {
+    "critiques": Artefact("data/critiques.jsonl", "critique"),
+    "sl_cai": Artefact("models/sl-cai", "sl"),
+    "pairs": Artefact("data/pairs.jsonl", "pairs"),
+    "ai_labels": Artefact("data/ai_labels.jsonl", "feedback"),
+    "pm_train": Artefact("data/pm_train.jsonl", "pm"),
+    "pm_eval": Artefact("data/pm_eval.jsonl", "pm"),
+    "pm": Artefact("models/pm", "pm"),
+    "rl_cai": Artefact("models/rl-cai", "rl"),
+    "eval": Artefact("eval", "eval"),
+}
+
+
+def artefacts_made_by(stage: str) -> list[str]:
+    """Names of the artefacts `stage` writes."""
+    return [name for name, artefact in ARTEFACTS.items() if artefact.made_by == stage]
+
+
+def now() -> str:
+    """The current UTC time, to the second (manifest times)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunDir:
+    """A run directory: its artefacts, the manifest, and the archive of replaced outputs."""
+
+    root: Path
+
+    # ------------------------------------------------------------------------- paths
+
+    def path(self, artefact: str) -> Path:
+        """Where `artefact` (a key of ARTEFACTS, e.g. "pairs") lives."""
+        return self.root / ARTEFACTS[artefact].path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.root / "cache" / "generations.sqlite"
+
+    def checkpoints(self, stage: str) -> Path:
+        """`checkpoints/<stage>/`: training state, only there to resume an interrupted stage."""
+        return self.root / "checkpoints" / stage
+
+    def exists(self) -> bool:
+        """Whether a run was ever started here (it has a manifest)."""
+        return self.manifest_path.exists()
+
+    # ------------------------------------------------------------------------- manifest
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"stages": {}}
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"{self.manifest_path}: not valid JSON; was it edited by hand?") from None
+
+    def stage_entry(self, stage: str) -> dict[str, Any]:
+        """The stage's manifest entry ({"status": "pending"} if it never ran)."""
+        return self.read_manifest()["stages"].get(stage, {"status": "pending"})
+
+    def stage_status(self, stage: str) -> str:
+        return self.stage_entry(stage).get("status", "pending")
+
+    def update_stage(self, stage: str, **fields: Any) -> None:
+        """Merge `fields` into the stage's manifest entry and write the manifest atomically."""
+        manifest = self.read_manifest()
+        entry = manifest["stages"].setdefault(stage, {"status": "pending"})
+        entry.update(fields)
+        write_json_atomic(self.manifest_path, manifest)
+
+    def start_stage(self, stage: str, settings: dict[str, Any], inputs: dict[str, str]) -> None:
+        """Mark a stage running, with the settings and input fingerprints it runs on.
+
+        Args:
+            stage: its name.
+            settings: every config value it reads, flattened ("feedback.cot": false, ...).
+            inputs: fingerprints of what it reads (upstream artefacts, prompt files, models).
+        """
+        self.update_stage(
+            stage, status="running", started=now(), ended=None, settings=settings, inputs=inputs,
+            versions=package_versions(), error=None,
+        )
+
+    def finish_stage(self, stage: str, counts: dict[str, Any]) -> None:
+        self.update_stage(stage, status="done", ended=now(), counts=counts)
+
+    def fail_stage(self, stage: str, error: str) -> None:
+        self.update_stage(stage, status="failed", ended=now(), error=error)
+
+    # ------------------------------------------------------------------------- fingerprints
+
+    def fingerprint(self, artefact: str) -> str | None:
+        """A fingerprint of an artefact's content (None if it is absent).
+
+        Record files are hashed whole (cheap). Model folders are fingerprinted by their files'
+        names, sizes and modification times: hashing tens of gigabytes of weights on every run
+        would cost minutes, and a model folder only ever changes by being replaced.
+        """
+        path = self.path(artefact)
+        if path.is_file():
+            return file_sha256(path)[:16]
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for file in sorted(item for item in path.rglob("*") if item.is_file()):
+                stat = file.stat()
+                digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            return digest.hexdigest()[:16]
+        return None
+
+    # ------------------------------------------------------------------------- replacing outputs
+
+    def archive(self, stages: list[str]) -> Path:
+        """Move the outputs of `stages` under `previous/<time>/` and mark those stages pending.
+
+        The archive keeps the same relative paths, plus the config and manifest that describe
+        them, so a replaced result can be compared with its successor or restored by hand.
+        Nothing is deleted.
+
+        Returns:
+            The archive folder.
+        """
+        target = self.root / "previous" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        suffix = 1
+        while target.exists():
+            target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+            suffix += 1
+        target.mkdir(parents=True)
+        for name in (self.config_path, self.manifest_path):
+            if name.exists():
+                shutil.copy2(name, target / name.name)
+        for stage in stages:
+            paths = [self.path(artefact) for artefact in artefacts_made_by(stage)] + [self.checkpoints(stage)]
+            for path in paths:
+                for candidate in (path, path.with_name(path.name + ".partial")):
+                    if candidate.exists():
+                        destination = target / candidate.relative_to(self.root)
+                        destination.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(candidate, destination)
+        manifest = self.read_manifest()
+        for stage in stages:
+            manifest["stages"][stage] = {"status": "pending", "archived_to": str(target.relative_to(self.root))}
+        write_json_atomic(self.manifest_path, manifest)
+        log.info("moved the outputs of %s to %s", ", ".join(stages), target)
+        return target

@@ -1,0 +1,314 @@
+"""What the training stages share: device and precision, checkpoints, the saved model, the LM head.
+
+Stages `sl` (TRL's `SFTTrainer`), `pm` (a `RewardTrainer` subclass, a sequence classifier) and `rl`
+(PPO) train differently but alike in how: the config section `training` (`TrainingSettings`) says
+where and in what precision, `trainer_arguments` turns it into keyword arguments for any
+`TrainingArguments` subclass, an interrupted run resumes from `last_complete_checkpoint`, and the
+result is written by `save_model_atomic`, so a model directory is either absent or whole.
+
+torch, transformers and trl are imported inside the functions: importing this module stays cheap
+(config validation and `--help` need it, not the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from constitutional.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "training_summary.json"  # written next to the weights: what the finished training measured
+REPORT_TO = ("none", "tensorboard", "wandb")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# A full model (one file or sharded) or a PEFT adapter.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# Packages a tracker needs; either one will do.
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSettings:
+    """Config section `training`: how sl, pm and rl train (not what they learn)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps   (auto: cuda when available, else cpu)
+    # auto: bf16 on CUDA with bf16 support, else fp32. bf16/fp16 are mixed precision: the weights
+    # stay as loaded (fp32), the forward runs under autocast.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    report_to: str = "none"  # none | tensorboard | wandb (the package must be installed)
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        """Check the values without importing torch; a tracker's package must be installed.
+
+        Raises:
+            UserError: naming the key, e.g. "training.report_to: 'wandb' needs the wandb package ...".
+        """
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            raise UserError(f"training.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"training.precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise UserError(f"training.trust_remote_code: expected true or false, got {self.trust_remote_code!r}")
+        _check_report_to(self.report_to)
+
+
+def _check_report_to(value: str) -> None:
+    """`none`, or a tracker whose package is installed (found now, not after an hour of training)."""
+    if value not in REPORT_TO:
+        raise UserError(f"training.report_to: expected one of {', '.join(REPORT_TO)}, got {value!r}")
+    needs = _TRACKER_PACKAGES.get(value, ())
+    if needs and not any(importlib.util.find_spec(package) for package in needs):
+        raise UserError(f"training.report_to: {value!r} needs the {needs[0]} package (pip install {needs[0]})")
+
+
+def trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
+    """Keyword arguments for any transformers `TrainingArguments` subclass (SFTConfig, RewardConfig, ...).
+
+    Always sets bf16 and fp16 explicitly: SFTConfig defaults to bf16, which on CPU would run
+    autocast instead of the fp32 asked for. `cuda:N` makes GPU N the current CUDA device, the one
+    the Trainer (through accelerate) picks in a single process.
+
+    Args:
+        settings: the validated `training` section.
+
+    Returns:
+        use_cpu, bf16, fp16, dataloader_pin_memory, report_to (a list, empty for none) and
+        dataloader_num_workers=0 (examples are tokenized in memory; worker processes only add
+        start-up time and, on fork, copies of the model's address space).
+
+    Raises:
+        UserError: a device that is not there, or bf16 on a GPU without bf16 support.
+    """
+    use_cpu = _use_cpu(settings.device)
+    bf16, fp16 = _mixed_precision(settings.precision, settings.device, use_cpu)
+    return {
+        "use_cpu": use_cpu,
+        "bf16": bf16,
+        "fp16": fp16,
+        "dataloader_pin_memory": not use_cpu,  # pinned host memory only speeds up copies to a GPU
+        "dataloader_num_workers": 0,
+        "report_to": [] if settings.report_to == "none" else [settings.report_to],
+    }
+
+
+def _use_cpu(device: str) -> bool:
+    """Whether `device` means the CPU; selects GPU N for `cuda:N`."""
+    import torch
+
+    if device == "auto":
+        return not torch.cuda.is_available()
+    if device == "cpu":
+        return True
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("training.device: 'mps' asked for, but this machine has no MPS device")
+        return False
+    if not torch.cuda.is_available():
+        raise UserError(f"training.device: {device!r} asked for, but CUDA is not available")
+    if device.startswith("cuda:"):
+        index, count = int(device[len("cuda:") :]), torch.cuda.device_count()
+        if index >= count:
+            raise UserError(f"training.device: {device!r} asked for, but this machine has {count} GPU(s)")
+        torch.cuda.set_device(index)
+    return False
+
+
+def _mixed_precision(precision: str, device: str, use_cpu: bool) -> tuple[bool, bool]:
+    """(bf16, fp16) for `precision` on the chosen device."""
+    import torch
+
+    on_cuda = not use_cpu and device != "mps"
+    if precision == "auto":
+        return on_cuda and torch.cuda.is_bf16_supported(), False
+    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("training.precision: bf16 asked for, but this GPU does not support it (use fp16 or fp32)")
+    return precision == "bf16", precision == "fp16"
+
+
+# --- the LM head ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loss_positions_only() -> Iterator[bool]:
+    """Project to the vocabulary only at positions that carry a loss, on CPU as on CUDA.
+
+    TRL's trainers with a language-model loss (SFTTrainer among them) replace the model's forward
+    with a fused LM head (`trl.trainer.utils.add_fused_lm_head`): the per-token log-probabilities
+    come from vocabulary tiles, never the (batch, seq_len, vocab) logits. In that forward,
+    `compact = _use_triton(hidden_states.device)` decides which rows go through the head: when
+    true only the labelled ones (`hidden_states[mask]`, (n_labelled, hidden)), otherwise every
+    position ((batch * (seq_len - 1), hidden)), the ignored ones zeroed afterwards. `_use_triton` is
+    true only on CUDA/XPU with Triton; elsewhere TRL keeps the tile shapes fixed for compilers such
+    as Neuron's, which would recompile for every new count of labelled positions. On CPU that spends
+    the most expensive layer on prompt tokens whose result is thrown away: the embedded model's
+    262k-token output layer is about 60% of its compute per token. The log-probabilities of the
+    labelled positions, and so the loss and its gradients, are the same either way.
+
+    This patches the name `_use_triton` in `trl.trainer.utils`, which only that decision reads:
+    the kernels keep their own binding, so on CPU the tiles are still folded in torch, not Triton.
+
+    Yields:
+        True when the optimisation is active. False when TRL's internals changed (the function is
+        gone or the fused forward no longer calls it): nothing is patched, training is unchanged
+        and correct, only slower on CPU, and a warning says so.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    reason = _patch_unusable(trl_utils, original)
+    if reason:
+        log.warning("Scoring only the labelled positions on CPU is off: %s. Training is correct, but slower.", reason)
+        yield False
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = original
+
+
+def _patch_unusable(trl_utils: Any, original: Any) -> str | None:
+    """Why patching `trl_utils._use_triton` would not reach the fused LM head (None: it would)."""
+    if not callable(original):
+        return "trl.trainer.utils._use_triton is missing (TRL internals changed)"
+    fused = getattr(trl_utils, "add_fused_lm_head", None)
+    if fused is None or not _code_reads(getattr(fused, "__code__", None), "_use_triton"):
+        return "TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) no longer calls _use_triton"
+    return None
+
+
+def _code_reads(code: Any, name: str) -> bool:
+    """Whether `code` or a function nested in it reads the global `name`."""
+    if code is None:
+        return False
+    nested = (const for const in code.co_consts if hasattr(const, "co_names"))
+    return name in code.co_names or any(_code_reads(const, name) for const in nested)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint that was written completely; incomplete ones are removed.
+
+    The Trainer writes the weights, optimizer, scheduler and RNG state first and `trainer_state.json`
+    last, so a checkpoint with readable state and weights is whole; a kill during a save leaves a
+    directory without them, which would make the Trainer crash or rotate away a good checkpoint.
+
+    Args:
+        directory: the Trainer's `output_dir` (e.g. `checkpoints/sl`); it may not exist.
+
+    Returns:
+        The `checkpoint-N` directory with the highest N that is complete, or None.
+    """
+    if not directory.is_dir():
+        return None
+    found = sorted(_checkpoints(directory), key=checkpoint_step)
+    complete = []
+    for path in found:
+        if _is_complete_checkpoint(path):
+            complete.append(path)
+        else:
+            log.warning("ignoring and removing incomplete checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step N of a `checkpoint-N` directory.
+
+    Raises:
+        ValueError: `path` is not named checkpoint-N.
+    """
+    match = _CHECKPOINT.match(path.name)
+    if not match:
+        raise ValueError(f"{path}: not a checkpoint directory (expected checkpoint-N)")
+    return int(match.group(1))
+
+
+def tokens_seen(checkpoint: Path | None) -> int:
+    """Tokens trained on up to `checkpoint` (0 for a fresh start), from its `trainer_state.json`."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("num_input_tokens_seen", 0)
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Remove the `checkpoint-N` directories; anything else (TensorBoard's `runs/`) stays.
+
+    Checkpoints only serve to resume a stage; with full fine-tuning each holds weights and
+    optimizer state (about 3x the model), so they go once the model is safely in place.
+    """
+    if directory.is_dir():
+        for path in _checkpoints(directory):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    return [path for path in directory.iterdir() if path.is_dir() and _CHECKPOINT.match(path.name)]
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return _has_weights(path)
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / name).exists() for name in _WEIGHT_FILES)
+
+
+# --- the saved model --------------------------------------------------------------------------
+
+
+def is_complete_model(path: Path) -> bool:
+    """A finished model directory: it only ever appears by renaming a fully written one."""
+    return (path / SUMMARY).exists() and _has_weights(path)
+
+
+def save_model_atomic(
+    model: Any, tokenizer: Any, output: Path, summary: dict[str, Any], trainer_state: Any | None = None
+) -> None:
+    """Save weights (safetensors), tokenizer and summary so that `output` is either absent or whole.
+
+    Everything is written to `<output>.partial`, which is then renamed into place. An existing
+    `output` is replaced: callers check `is_complete_model` first, so it is a leftover without a
+    summary (a directory copied in by hand, an older layout), never a finished model.
+
+    Args:
+        model: what to save, with `save_pretrained`; a LoRA model merged by the caller if wanted
+            (unmerged, PEFT saves the adapter alone).
+        tokenizer: saved alongside, so the directory loads on its own.
+        output: the model directory, e.g. `models/sl-cai`.
+        summary: what training measured, kept as `training_summary.json`.
+        trainer_state: the Trainer's `state`, kept as `trainer_state.json` (loss curve, steps,
+            resumes); None to leave it out.
+    """
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)  # safetensors is the only format transformers 5 writes
+    tokenizer.save_pretrained(partial)
+    if trainer_state is not None:
+        trainer_state.save_to_json(str(partial / "trainer_state.json"))
+    (partial / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(partial, output)
