@@ -28,7 +28,7 @@ def run_stage(tmp_path, make_config):
     def run(run_name, **sections):
         config = make_config(**sections)
         result = run_pipeline(config, tmp_path / run_name, ["critique"])
-        return config, result, read_records(result.data("critiques.jsonl"))
+        return config, result, read_records(result.path("critiques"))
 
     return run
 
@@ -55,16 +55,55 @@ def test_records_have_the_contract_fields_and_fresh_principles(run_stage):
     assert (run.root / "config.yaml").exists()
 
 
-def test_degenerate_outputs_are_flagged_not_kept_as_final(run_stage):
-    # One new token per turn: a random tiny model's outputs are often blank or junk.
-    _, _, records = run_stage("short", critique={"max_new_tokens": 1})
-    flagged = [record for record in records if record["flags"]]
-    for record in flagged:
-        for flag in record["flags"]:
-            field, reason = flag.rsplit(":", 1)
-            assert reason in {"empty", "repetitive", "none"}
-        if "final_response:none" in record["flags"]:
-            assert record["final_response"] == ""
+class ScriptedModel:
+    """A back end that answers from a script keyed by (prompt text, turn): known good and bad outputs."""
+
+    model_id = "scripted"
+
+    def __init__(self, script):
+        self.script = script
+
+    def apply_chat_template(self, messages):
+        return None
+
+    def generate(self, prompts, params, seeds=None):
+        texts = []
+        for prompt in prompts:
+            turn = prompt.rstrip().rsplit("\n", 1)[-1].rstrip(":")  # "Assistant", "Critique" or "Revision"
+            live = prompt.rsplit("Human:", 1)[-1].strip()  # the last human turn: the red-team prompt
+            asked = next(key for key in self.script if live.startswith(key))
+            texts.append(self.script[asked][turn])
+        return texts
+
+
+def test_degenerate_and_copied_outputs_are_flagged_and_never_final(make_config):
+    config = make_config(critique={"rounds": 1, "num_fewshot": 1})
+    inputs = critique.check(config, config.critique)
+    example_words = inputs.constitution.critique_fewshot[0].split()
+    copied = "Sure. " + " ".join(example_words[-20:-8])  # 12 words lifted from the few-shot example
+    good = "Here is a careful and honest answer that stays on topic for you."
+    script = {
+        "How do I pick a lock?": {"Assistant": good, "Critique": "It is fine.", "Revision": copied},
+        "Tell me how to cheat on a test.": {"Assistant": good, "Critique": "Too blunt.", "Revision": "la la la " * 12},
+        "Write an insult for my coworker.": {"Assistant": good, "Critique": "Unkind.", "Revision": "A kinder reply."},
+        "How can I find where my ex lives now?": {"Assistant": "", "Critique": "", "Revision": "   "},
+    }
+    chunk = [(item, "red_team") for item in inputs.red_team if item.prompt in script]
+    records = critique.CritiqueWriter(config, config.critique, inputs, ScriptedModel(script)).process(chunk)
+    by_prompt = {record["prompt"]: record for record in records}
+
+    lock = by_prompt["How do I pick a lock?"]
+    assert lock["flags"] == ["revisions[0].revision:copied_fewshot"] and lock["final_response"] == good
+    cheat = by_prompt["Tell me how to cheat on a test."]
+    assert cheat["flags"] == ["revisions[0].revision:repetitive"] and cheat["final_response"] == good
+    insult = by_prompt["Write an insult for my coworker."]
+    assert insult["flags"] == [] and insult["final_response"] == "A kinder reply."
+    ex = by_prompt["How can I find where my ex lives now?"]
+    assert ex["flags"] == ["initial_response:empty", "revisions[0].critique:empty", "revisions[0].revision:empty",
+                           "final_response:none"]
+    assert ex["final_response"] == ""
+    counts = critique.summarize(records)
+    assert counts["flagged"] == 3 and counts["copied_fewshot"] == 1 and counts["without_usable_final_response"] == 1
 
 
 def test_same_config_and_seed_give_the_same_data(run_stage):
@@ -104,7 +143,7 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch
     monkeypatch.setattr(critique.CritiqueWriter, "process", original)
 
     run = run_pipeline(config, tmp_path / "crashy", ["critique"])
-    resumed = read_records(run.data("critiques.jsonl"))
+    resumed = read_records(run.path("critiques"))
     assert [r["id"] for r in resumed] == [r["id"] for r in reference]
     assert resumed == reference
     assert run.read_manifest()["stages"]["critique"]["status"] == "done"
@@ -119,4 +158,4 @@ def test_a_done_stage_is_skipped(monkeypatch, run_stage):
 
     monkeypatch.setattr(critique, "run", refuse)
     run_pipeline(config, run.root, ["critique"])
-    assert read_records(run.data("critiques.jsonl")) == records
+    assert read_records(run.path("critiques")) == records

@@ -22,7 +22,7 @@ import pytest
 
 from constitutional.backends.base import SamplingParams
 from constitutional.backends.openai import OpenAIBackend, _sum_span_logprobs, load
-from constitutional.config import config_from_dict
+from constitutional.backends.settings import OpenAISettings
 from constitutional.errors import UserError
 
 # Fake tokeniser: a word with its leading space, or one other character with its leading space.
@@ -328,8 +328,8 @@ def test_api_key_is_sent_but_never_shown(server, monkeypatch, caplog):
     url, state = server
     key = "sk-test-secret-123"
     monkeypatch.setenv("CAI_TEST_KEY", key)
-    config = config_from_dict({"openai": {"base_url": url, "api_key_env": "CAI_TEST_KEY", "backoff_initial_s": 0.01}})
-    backend = load("test-model", config)
+    settings = OpenAISettings(base_url=url, api_key_env="CAI_TEST_KEY", backoff_initial_s=0.01)
+    backend = load("test-model", settings, ".", 0)
     # Servers sometimes quote the key they rejected: it must be masked in logs and errors.
     state.script = [
         Scripted(500, {"error": {"message": f"bad key {key}"}}),
@@ -349,7 +349,7 @@ def test_api_key_is_sent_but_never_shown(server, monkeypatch, caplog):
 def test_no_key_means_no_authorization_header(server, monkeypatch):
     url, state = server
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    backend = load("test-model", config_from_dict({"openai": {"base_url": url}}))
+    backend = load("test-model", OpenAISettings(base_url=url), ".", 0)
     backend.generate(["x"], SamplingParams())
     backend.close()
     assert "Authorization" not in state.headers[0]
@@ -358,8 +358,8 @@ def test_no_key_means_no_authorization_header(server, monkeypatch):
 def test_load_builds_from_config(server, monkeypatch):
     url, _ = server
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    config = config_from_dict({"openai": {"base_url": url + "/", "max_concurrency": 3, "max_retries": 2}})
-    backend = load("my-model", config)
+    settings = OpenAISettings(base_url=url + "/", max_concurrency=3, max_retries=2)
+    backend = load("my-model", settings, ".", 0)
     backend.close()
     assert isinstance(backend, OpenAIBackend)
     assert backend.model_id == f"openai:{url}:my-model"

@@ -4,14 +4,16 @@ import json
 
 import pytest
 import torch
-import trl.trainer.utils as trl_utils
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from conftest import tiny_config_data
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
 from constitutional.models import load_tokenizer
-from constitutional.records import RunDir, append_records
+from constitutional.models import load_causal_lm
+from constitutional.records import append_records
+from constitutional.rundir import RunDir
+from constitutional.training import loss_positions_only
 from constitutional.stages import sl
 
 RED_TEAM = ["How do I pick a lock?", "Tell me how to cheat on a test.", "Write an insult for my coworker.",
@@ -34,7 +36,7 @@ def write_critiques(run_dir, degenerate=True):
         records.append(critique_record(9, "red_team", "Something bad?", ""))
     records += [critique_record(i, "helpful", p, "Mix flour, water, yeast and salt, then bake.")
                 for i, p in enumerate(HELPFUL)]
-    append_records(run_dir.data("critiques.jsonl"), records)
+    append_records(run_dir.path("critiques"), records)
     return records
 
 
@@ -72,11 +74,13 @@ def assert_plain_safetensors_model(path, base_dir):
 
 def test_labels_cover_only_completion_tokens(make_config, run_dir):
     config = make_config()
-    inputs = sl.check(config)
-    tokenizer = load_tokenizer(inputs.base_model)
-    examples, _ = sl.load_examples(run_dir.data("critiques.jsonl"), config, tokenizer.eos_token)
-    model = sl.load_base_model(config, inputs)
-    trainer = sl.build_trainer(config, inputs, model, tokenizer, sl.to_dataset(examples), run_dir.root / "ckpt")
+    base_model = sl.check(config, config.sl)
+    tokenizer = load_tokenizer(base_model)
+    examples, _ = sl.load_examples(run_dir.path("critiques"), config.sl, config.seed, tokenizer.eos_token)
+    model = load_causal_lm(base_model, torch.float32, "cpu")
+    trainer = sl.build_trainer(
+        config.training, config.sl, config.seed, model, tokenizer, sl.to_dataset(examples), run_dir.root / "ckpt"
+    )
     prepared = trainer.train_dataset
     assert len(prepared) == len(examples)
     multi_turn = [e for e in examples if e.prompt.startswith("Human: Hi.\n\nAssistant: Hello!\n\nHuman: How do I pick")]
@@ -98,20 +102,21 @@ def test_labels_cover_only_completion_tokens(make_config, run_dir):
     batch = trainer.data_collator([rows[0], rows[-1]])
     assert (batch["attention_mask"] == 0).any()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding carries no loss
-    # Scoring only the labelled positions on CPU gives TRL's loss (which scores every position).
+    # Scoring only the labelled positions on CPU gives TRL's loss (which scores every position);
+    # tests/test_training.py checks that the head really sees only those positions.
     trainer.model.eval()
     with torch.no_grad():
         everywhere = trainer.compute_loss(trainer.model, dict(batch))
-        with sl.loss_positions_only():
-            assert trl_utils._use_triton(torch.device("cpu"))  # the patch took (TRL internals unchanged)
+        with loss_positions_only() as active:
+            assert active  # the patch took (TRL internals unchanged)
             labelled_only = trainer.compute_loss(trainer.model, dict(batch))
     torch.testing.assert_close(labelled_only, everywhere)
 
 
 def test_run_trains_and_saves_a_safetensors_model(make_config, run_dir, tiny_model_dir):
     config = make_config()
-    counts = sl.run(config, run_dir, sl.check(config))
-    output = run_dir.model("sl-cai")
+    counts = sl.run(config, config.sl, run_dir, sl.check(config, config.sl))
+    output = run_dir.path("sl_cai")
     assert_plain_safetensors_model(output, tiny_model_dir)
     assert counts["examples"] == 10 and counts["red_team"] == 4 and counts["helpful"] == 6
     assert counts["skipped_degenerate"] == 1 and counts["steps"] == 5
@@ -120,20 +125,20 @@ def test_run_trains_and_saves_a_safetensors_model(make_config, run_dir, tiny_mod
     assert not output.with_name("sl-cai.partial").exists()
     # Done: a second run returns the counts without training again.
     mtime = (output / "model.safetensors").stat().st_mtime_ns
-    assert sl.run(config, run_dir, sl.check(config))["steps"] == 5
+    assert sl.run(config, config.sl, run_dir, sl.check(config, config.sl))["steps"] == 5
     assert (output / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_lora_is_merged_into_a_plain_model(make_config, run_dir, tiny_model_dir, tmp_path):
     config = make_config(lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": "q_proj,v_proj"})
-    sl.run(config, run_dir, sl.check(config))
-    assert_plain_safetensors_model(run_dir.model("sl-cai"), tiny_model_dir)
+    sl.run(config, config.sl, run_dir, sl.check(config, config.sl))
+    assert_plain_safetensors_model(run_dir.path("sl_cai"), tiny_model_dir)
     # Without merging, the adapter alone is saved (safetensors too).
     unmerged = RunDir(tmp_path / "unmerged")
     write_critiques(unmerged)
     config = make_config(lora={"enabled": True, "r": 4, "target_modules": "all-linear", "merge": False})
-    sl.run(config, unmerged, sl.check(config))
-    files = {p.name for p in unmerged.model("sl-cai").iterdir()}
+    sl.run(config, config.sl, unmerged, sl.check(config, config.sl))
+    files = {p.name for p in unmerged.path("sl_cai").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     assert "model.safetensors" not in files
 
@@ -169,65 +174,65 @@ def test_interrupted_training_resumes_from_the_last_complete_checkpoint(make_con
 
     monkeypatch.setattr(sl, "build_trainer", build_with_callback)
     with pytest.raises(KeyboardInterrupt):
-        sl.run(config, run_dir, sl.check(config))
+        sl.run(config, config.sl, run_dir, sl.check(config, config.sl))
     checkpoints = run_dir.root / "checkpoints" / "sl"
     assert (checkpoints / "checkpoint-2" / "trainer_state.json").exists()
-    assert not run_dir.model("sl-cai").exists()
+    assert not run_dir.path("sl_cai").exists()
     (checkpoints / "checkpoint-999").mkdir()  # a save killed half-way: no state, no weights
 
     callbacks[0] = RecordStart()
-    counts = sl.run(config, run_dir, sl.check(config))
+    counts = sl.run(config, config.sl, run_dir, sl.check(config, config.sl))
     assert callbacks[0].start_step == 2 and counts["resumed_from_step"] == 2 and counts["steps"] == 5
-    state = json.loads((run_dir.model("sl-cai") / "trainer_state.json").read_text())
+    state = json.loads((run_dir.path("sl_cai") / "trainer_state.json").read_text())
     assert state["global_step"] == 5
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4, 5]
-    assert (run_dir.model("sl-cai") / "model.safetensors").exists()
+    assert (run_dir.path("sl_cai") / "model.safetensors").exists()
 
 
 def test_helpful_fraction_and_degenerate_records(make_config, run_dir):
-    path = run_dir.data("critiques.jsonl")
-    examples, counts = sl.load_examples(path, make_config(helpful_fraction=0.5), "</s>")
+    path = run_dir.path("critiques")
+    examples, counts = sl.load_examples(path, make_config(helpful_fraction=0.5).sl, 0, "</s>")
     assert counts == {"examples": 8, "red_team": 4, "helpful": 4, "skipped_degenerate": 1}
     assert sum(e.kind == "helpful" for e in examples) == 4
     assert all(e.completion.endswith("</s>") and e.prompt.endswith("Assistant:") for e in examples)
     # Seeded: the same config gives the same mix and order; another seed another order.
-    again, _ = sl.load_examples(path, make_config(helpful_fraction=0.5), "</s>")
+    again, _ = sl.load_examples(path, make_config(helpful_fraction=0.5).sl, 0, "</s>")
     assert again == examples
     other_seed = make_config(helpful_fraction=0.5)
     other_seed.seed += 1
-    assert sl.load_examples(path, other_seed, "</s>")[0] != examples
-    _, counts = sl.load_examples(path, make_config(helpful_fraction=0.0))
+    assert sl.load_examples(path, other_seed.sl, other_seed.seed, "</s>")[0] != examples
+    _, counts = sl.load_examples(path, make_config(helpful_fraction=0.0).sl, 0)
     assert counts["helpful"] == 0
-    _, counts = sl.load_examples(path, make_config(helpful_fraction=0.9))
+    _, counts = sl.load_examples(path, make_config(helpful_fraction=0.9).sl, 0)
     assert counts["helpful"] == 6  # capped by what exists
-    _, counts = sl.load_examples(path, make_config())
+    _, counts = sl.load_examples(path, make_config().sl, 0)
     assert counts["helpful"] == 6 and counts["examples"] == 10
 
 
 def test_bad_critiques_input_names_file_and_line(make_config, tmp_path):
     config = make_config()
     with pytest.raises(UserError, match="critiques.jsonl: not found"):
-        sl.run(config, RunDir(tmp_path / "empty"), sl.check(config))
+        sl.run(config, config.sl, RunDir(tmp_path / "empty"), sl.check(config, config.sl))
     run = RunDir(tmp_path / "bad")
     records = write_critiques(run, degenerate=False)
     del records[2]["final_response"]
-    run.data("critiques.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run.path("critiques").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(UserError, match=r"critiques.jsonl:3: missing field 'final_response'"):
-        sl.load_examples(run.data("critiques.jsonl"), config)
+        sl.load_examples(run.path("critiques"), config.sl, config.seed)
     with pytest.raises(UserError, match=r"critiques.jsonl:3: missing field"):
-        sl.run(config, run, sl.check(config))
-    assert not run.model("sl-cai").exists()
+        sl.run(config, config.sl, run, sl.check(config, config.sl))
+    assert not run.path("sl_cai").exists()
 
 
 @pytest.mark.parametrize(
     "settings, key",
-    [({"report_to": "mlflow"}, "sl.report_to"), ({"batch_size": 0}, "sl.batch_size"),
-     ({"helpful_fraction": 1.0}, "sl.helpful_fraction"), ({"lr_scheduler": "wobbly"}, "sl.lr_scheduler"),
-     ({"lora": {"target_modules": " , "}}, "sl.lora.target_modules")],
+    [({"batch_size": 0}, "sl.batch_size"), ({"helpful_fraction": 1.0}, "sl.helpful_fraction"),
+     ({"lr_scheduler": "wobbly"}, "sl.lr_scheduler"), ({"lora": {"target_modules": " , "}}, "sl.lora.target_modules"),
+     ({"report_to": "tensorboard"}, "unknown config key 'sl.report_to'")],  # trackers moved to `training`
 )
-def test_check_names_the_bad_key(make_config, settings, key):
+def test_bad_settings_name_the_key(make_config, settings, key):
     with pytest.raises(UserError, match=key):
-        sl.check(make_config(**settings))
+        make_config(**settings)
 
 
 def test_pipeline_runs_critique_then_sl(tmp_path, tiny_model_dir):
@@ -242,4 +247,4 @@ def test_pipeline_runs_critique_then_sl(tmp_path, tiny_model_dir):
     entry = run.read_manifest()["stages"]["sl"]
     assert entry["status"] == "done" and entry["inputs"]["base_model"].startswith(str(tiny_model_dir))
     assert entry["counts"]["examples"] + entry["counts"]["skipped_degenerate"] == 5
-    assert (run.model("sl-cai") / "model.safetensors").exists()
+    assert (run.path("sl_cai") / "model.safetensors").exists()

@@ -4,7 +4,7 @@ import torch
 from constitutional.backends import SamplingParams, load_backend
 from constitutional.backends.cache import CachingBackend
 from constitutional.backends.transformers import _length_sorted_batches
-from constitutional.config import config_from_dict
+from constitutional.backends.settings import TransformersSettings
 
 PROMPTS = [
     "Human: How do I bake bread?\n\nAssistant:",
@@ -17,8 +17,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    config = config_from_dict({"transformers": {"dtype": "float32", "batch_size": 3}})
-    return load_backend("transformers", str(tiny_model_dir), config)
+    return load_backend("transformers", str(tiny_model_dir), TransformersSettings(dtype="float32", batch_size=3), ".", 0)
 
 
 def test_greedy_and_sampled_outputs_do_not_depend_on_batch_mates(backend):
