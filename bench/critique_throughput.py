@@ -53,27 +53,36 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--baseline-every", type=int, default=1,
-                        help="replay every k-th request in the sequential loop (k > 1 estimates its rate faster)")
+    parser.add_argument(
+        "--baseline-every",
+        type=int,
+        default=1,
+        help="replay every k-th request in the sequential loop (k > 1 estimates its rate faster)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     # The quickstart's settings (sampling, few-shot, dtype), sized by the arguments.
-    config = load_config(REPO / "configs" / "quickstart.yaml", [
-        f"data.max_red_team={args.prompts}", f"critique.rounds={args.rounds}",
-        f"critique.max_new_tokens={args.max_new_tokens}", f"critique.chunk_size={args.prompts}",
-        f"transformers.batch_size={args.batch_size}",
-    ])
+    config = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            f"data.max_red_team={args.prompts}",
+            f"critique.rounds={args.rounds}",
+            f"critique.max_new_tokens={args.max_new_tokens}",
+            f"critique.chunk_size={args.prompts}",
+            f"transformers.batch_size={args.batch_size}",
+        ],
+    )
     local_weights_dir(resolve_model_name(EMBEDDED))  # convert once, outside the timed load
     started = time.perf_counter()
-    backend = load_transformers(EMBEDDED, config)
+    backend = load_transformers(EMBEDDED, config.transformers, config.base_dir, config.seed)
     load_seconds = time.perf_counter() - started
     print(f"load embedded model (converted copy): {load_seconds:.1f} s (target <= 10 s)")
     print(f"device {backend.device}, dtype {backend.model.dtype}, threads {torch.get_num_threads()}")
 
-    inputs = check(config)
+    inputs = check(config, config.critique)
     recording = RecordingBackend(backend)
-    writer = CritiqueWriter(config, inputs, recording)
+    writer = CritiqueWriter(config, config.critique, inputs, recording)
     chunk = [(item, "red_team") for item in inputs.red_team[: args.prompts]]
     writer.process(chunk[:2])  # warm-up (allocator, kernels), not timed
     recording.requests.clear()
@@ -82,8 +91,10 @@ def main() -> None:
     stage_seconds = time.perf_counter() - started
     stage_tokens = sum(count for _, count in recording.requests)
     stage_rate = stage_tokens / stage_seconds
-    print(f"critique stage: {len(chunk)} prompts, {args.rounds} round(s), {len(recording.requests)} generations, "
-          f"{stage_tokens} tokens in {stage_seconds:.1f} s = {stage_rate:.1f} tok/s")
+    print(
+        f"critique stage: {len(chunk)} prompts, {args.rounds} round(s), {len(recording.requests)} generations, "
+        f"{stage_tokens} tokens in {stage_seconds:.1f} s = {stage_rate:.1f} tok/s"
+    )
 
     model, tokenizer = backend.model, backend.tokenizer
     started = time.perf_counter()
@@ -94,17 +105,24 @@ def main() -> None:
                 continue
             inputs_ids = tokenizer(prompt, return_tensors="pt").to(model.device)
             output = model.generate(
-                **inputs_ids, max_new_tokens=count, min_new_tokens=count, do_sample=True,
-                temperature=config.critique.temperature, top_p=config.critique.top_p, top_k=0,
+                **inputs_ids,
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=True,
+                temperature=config.critique.temperature,
+                top_p=config.critique.top_p,
+                top_k=0,
                 pad_token_id=tokenizer.pad_token_id,
             )
             baseline_tokens += output.shape[1] - inputs_ids["input_ids"].shape[1]
     baseline_seconds = time.perf_counter() - started
     baseline_rate = baseline_tokens / baseline_seconds
     replayed = len(recording.requests[:: args.baseline_every])
-    print(f"sequential loop (one generate per prompt, {replayed} of the {len(recording.requests)} requests): "
-          f"{baseline_tokens} tokens in {baseline_seconds:.1f} s "
-          f"= {baseline_rate:.1f} tok/s")
+    print(
+        f"sequential loop (one generate per prompt, {replayed} of the {len(recording.requests)} requests): "
+        f"{baseline_tokens} tokens in {baseline_seconds:.1f} s "
+        f"= {baseline_rate:.1f} tok/s"
+    )
     print(f"ratio: {stage_rate / baseline_rate:.2f}x (target >= 4x)")
 
 

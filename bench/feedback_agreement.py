@@ -18,9 +18,9 @@ import time
 from constitutional.backends.transformers import load as load_transformers
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution
+from constitutional.stages.feedback import label_comparisons
 
 from feedback_throughput import comparisons_from_hh
-from constitutional.stages.feedback import label_comparisons
 
 
 def agreement(probabilities: list[float], chosen_is_a: list[bool]) -> float:
@@ -41,32 +41,39 @@ def main() -> None:
     args = parser.parse_args()
 
     config = config_from_dict({"feedback": {"num_fewshot": args.num_fewshot, "cot_max_new_tokens": 64}})
-    backend = load_transformers(args.model, config)
+    backend = load_transformers(args.model, config.transformers, config.base_dir, config.seed)
     constitution = load_constitution(args.constitution)
     comparisons, chosen_is_a = comparisons_from_hh(args.comparisons, seed=0)
-    print(f"{len(comparisons)} HH-RLHF harmlessness comparisons, model {args.model}, constitution "
-          f"{constitution.name}, {args.num_fewshot} few-shot examples; chance = 50%")
+    print(
+        f"{len(comparisons)} HH-RLHF harmlessness comparisons, model {args.model}, constitution "
+        f"{constitution.name}, {args.num_fewshot} few-shot examples; chance = 50%"
+    )
 
     started = time.perf_counter()
     labels = label_comparisons(backend, constitution, comparisons, config.feedback, seed=0)
     seconds = time.perf_counter() - started
     first_order = [next(r["p_a"] for r in label["readings"] if r["order"] == "ab") for label in labels]
     print(f"without debiasing (A/B order only): {agreement(first_order, chosen_is_a):.1%}")
-    print(f"with debiasing (both orders averaged): {agreement([l['p_a'] for l in labels], chosen_is_a):.1%} "
-          f"({seconds:.0f} s)")
+    print(
+        f"with debiasing (both orders averaged): {agreement([label['p_a'] for label in labels], chosen_is_a):.1%} "
+        f"({seconds:.0f} s)"
+    )
     picks_a = sum(p > 0.5 for p in first_order) / len(first_order)
     print(f"position bias: the A/B reading picks (A) {picks_a:.1%} of the time")
 
     if args.cot:
-        cot_settings = config_from_dict({"feedback": {
-            "num_fewshot": args.num_fewshot, "cot": True, "debias": False, "cot_max_new_tokens": 64}}).feedback
+        cot_settings = config_from_dict(
+            {"feedback": {"num_fewshot": args.num_fewshot, "cot": True, "debias": False, "cot_max_new_tokens": 64}}
+        ).feedback
         started = time.perf_counter()
         cot_labels = label_comparisons(backend, constitution, comparisons[: args.cot], cot_settings, seed=0)
         seconds = time.perf_counter() - started
         cot_p = [label["p_a"] for label in cot_labels]
-        print(f"with chain-of-thought (A/B order, clamped to [0.4, 0.6]), first {len(cot_labels)}: "
-              f"{agreement(cot_p, chosen_is_a[: args.cot]):.1%} ({seconds:.0f} s); same comparisons without: "
-              f"{agreement(first_order[: args.cot], chosen_is_a[: args.cot]):.1%}")
+        print(
+            f"with chain-of-thought (A/B order, clamped to [0.4, 0.6]), first {len(cot_labels)}: "
+            f"{agreement(cot_p, chosen_is_a[: args.cot]):.1%} ({seconds:.0f} s); same comparisons without: "
+            f"{agreement(first_order[: args.cot], chosen_is_a[: args.cot]):.1%}"
+        )
         print(f"sample reasoning: {cot_labels[0]['reasoning'][:300]!r}")
 
 

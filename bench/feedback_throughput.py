@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from constitutional.backends import SamplingParams
-from constitutional.backends.transformers import _length_sorted_batches, load as load_transformers
+from constitutional.backends.transformers import _length_sorted_batches
+from constitutional.backends.transformers import load as load_transformers
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.sources import load_preference_pairs
@@ -49,7 +50,9 @@ def comparisons_from_hh(count: int, seed: int) -> tuple[list[dict], list[bool]]:
         a_is_chosen = rng.random() < 0.5
         a, b = (pair["chosen"], pair["rejected"]) if a_is_chosen else (pair["rejected"], pair["chosen"])
         history = [{"role": role, "text": text} for role, text in pair["history"]]
-        comparisons.append({"id": pair["id"], "prompt": pair["prompt"], "history": history, "response_a": a, "response_b": b})
+        comparisons.append(
+            {"id": pair["id"], "prompt": pair["prompt"], "history": history, "response_a": a, "response_b": b}
+        )
         chosen_is_a.append(a_is_chosen)
         if len(comparisons) == count:
             break
@@ -63,16 +66,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    config = config_from_dict({
-        "feedback": {"num_fewshot": args.num_fewshot, "debias": True},
-        "transformers": {"batch_size": args.batch_size},
-    })
-    backend = load_transformers("embedded", config)
+    config = config_from_dict(
+        {
+            "feedback": {"num_fewshot": args.num_fewshot, "debias": True},
+            "transformers": {"batch_size": args.batch_size},
+        }
+    )
+    backend = load_transformers("embedded", config.transformers, config.base_dir, config.seed)
     constitution = load_constitution("default")
     comparisons, _ = comparisons_from_hh(args.comparisons, seed=0)
     orderings = len(comparisons) * len(ORDERS)
-    print(f"{len(comparisons)} comparisons x {len(ORDERS)} orders, embedded model, {backend.model.dtype}, "
-          f"batch {args.batch_size}, {args.num_fewshot} few-shot examples")
+    print(
+        f"{len(comparisons)} comparisons x {len(ORDERS)} orders, embedded model, {backend.model.dtype}, "
+        f"batch {args.batch_size}, {args.num_fewshot} few-shot examples"
+    )
 
     label_comparisons(backend, constitution, comparisons[:2], config.feedback, seed=1)  # warm-up
     started = time.perf_counter()
@@ -93,10 +100,14 @@ def main() -> None:
     _raw_forward(backend, questions)
     raw = time.perf_counter() - started
 
-    print(f"ours (log-probs, one pass per order): {len(comparisons) / ours:.2f} comparisons/s, "
-          f"{orderings / ours:.2f} orderings/s ({ours:.1f} s)")
-    print(f"raw forward pass, same questions:     {len(comparisons) / raw:.2f} comparisons/s, "
-          f"{orderings / raw:.2f} orderings/s ({raw:.1f} s)")
+    print(
+        f"ours (log-probs, one pass per order): {len(comparisons) / ours:.2f} comparisons/s, "
+        f"{orderings / ours:.2f} orderings/s ({ours:.1f} s)"
+    )
+    print(
+        f"raw forward pass, same questions:     {len(comparisons) / raw:.2f} comparisons/s, "
+        f"{orderings / raw:.2f} orderings/s ({raw:.1f} s)"
+    )
     print(f"generation-based judge (parse text):  {len(comparisons) / judge:.2f} comparisons/s ({judge:.1f} s)")
     print(f"ours / raw forward: {raw / ours:.2f} (target >= 0.85); ours / judge: {judge / ours:.2f}x (target > 1)")
 
@@ -111,8 +122,10 @@ def main() -> None:
             continue  # the judge contradicts itself across orders: no label
         judged += 1
         agree += (votes_for_a == 2) == (label["p_a"] > 0.5)
-    print(f"agreement with the judge: {agree}/{judged} comparisons where the judge was consistent across "
-          f"orders ({unparsed} of {len(picks)} judge outputs had no parseable (A)/(B))")
+    print(
+        f"agreement with the judge: {agree}/{judged} comparisons where the judge was consistent across "
+        f"orders ({unparsed} of {len(picks)} judge outputs had no parseable (A)/(B))"
+    )
 
 
 def _parse_pick(text: str) -> str | None:

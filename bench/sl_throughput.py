@@ -34,10 +34,11 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from constitutional.config import config_from_dict
-from constitutional.models import load_tokenizer, local_weights_dir
+from constitutional.models import load_causal_lm, load_tokenizer, local_weights_dir
 from constitutional.records import append_records
 from constitutional.sources import load_prompts
 from constitutional.stages import sl
+from constitutional.training import trainer_arguments
 
 REFUSALS = [
     "I can't help with that, because it could seriously hurt someone. If you are worried about {topic}, "
@@ -87,8 +88,17 @@ def synthesise_critiques(path: Path, count: int) -> None:
         kind, items, texts = ("red_team", red_team, REFUSALS) if index % 2 == 0 else ("helpful", helpful, ANSWERS)
         item = items[(index // 2) % len(items)]
         answer = texts[index % len(texts)].format(topic=item.prompt.rstrip("?.!").lower()[:60])
-        records.append({"id": f"{item.id}-{index}", "kind": kind, "prompt": item.prompt, "initial_response": answer,
-                        "revisions": [], "final_response": answer, "flags": []})
+        records.append(
+            {
+                "id": f"{item.id}-{index}",
+                "kind": kind,
+                "prompt": item.prompt,
+                "initial_response": answer,
+                "revisions": [],
+                "final_response": answer,
+                "flags": [],
+            }
+        )
     append_records(path, records)
 
 
@@ -101,32 +111,48 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time the stage's trainer with TRL's LM head scoring every position")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the stage's trainer with TRL's LM head scoring every position",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    config = config_from_dict({
-        "seed": 0, "models": {"base": args.model},
-        "sl": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": 1e-5,
-               "save_steps": args.steps + 1, "logging_steps": args.steps, "lora": {"enabled": args.lora}},
-    }, base_dir=os.getcwd())
-    inputs = sl.check(config)
-    model_dir = local_weights_dir(inputs.base_model)  # converts the embedded GGUF once, outside any timing
-    tokenizer = load_tokenizer(inputs.base_model)
-    use_cpu, bf16 = sl.device_and_precision(config)
+    config = config_from_dict(
+        {
+            "seed": 0,
+            "models": {"base": args.model},
+            "sl": {
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "learning_rate": 1e-5,
+                "save_steps": args.steps + 1,
+                "logging_steps": args.steps,
+                "lora": {"enabled": args.lora},
+            },
+        },
+        base_dir=os.getcwd(),
+    )
+    base_model = sl.check(config, config.sl)
+    model_dir = local_weights_dir(base_model)  # converts the embedded GGUF once, outside any timing
+    tokenizer = load_tokenizer(base_model)
+    device_args = trainer_arguments(config.training)
+    use_cpu, bf16 = device_args["use_cpu"], device_args["bf16"]
     device = f"CPU fp32, {torch.get_num_threads()} threads" if use_cpu else f"CUDA {'bf16' if bf16 else 'fp32'}"
     work = Path(tempfile.mkdtemp(prefix="sl-bench-"))
     try:
         examples = prepare_examples(args, config, tokenizer, work)
-        print(f"model {args.model} ({model_dir}), {'LoRA r=16 all-linear' if args.lora else 'full fine-tuning'}, "
-              f"batch {args.batch_size}, max_length {args.max_length}, {args.steps} steps, {device}")
+        print(
+            f"model {args.model} ({model_dir}), {'LoRA r=16 all-linear' if args.lora else 'full fine-tuning'}, "
+            f"batch {args.batch_size}, max_length {args.max_length}, {args.steps} steps, {device}"
+        )
         runs = ["bare SFTTrainer", "sl stage"] + (["sl stage, TRL's LM head"] if args.breakdown else [])
         speeds = {}
         for index, name in enumerate(runs):
-            speeds[name] = time_run(name, config, inputs, tokenizer, examples, work / f"run{index}")
+            speeds[name] = time_run(name, config, base_model, tokenizer, examples, work / f"run{index}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratio = speeds["sl stage"] / speeds["bare SFTTrainer"]
@@ -139,38 +165,46 @@ def prepare_examples(args: argparse.Namespace, config, tokenizer, work: Path) ->
     critiques = args.critiques or work / "critiques.jsonl"
     if args.critiques is None:
         synthesise_critiques(critiques, args.records)
-    examples, counts = sl.load_examples(critiques, config, tokenizer.eos_token)
+    examples, counts = sl.load_examples(critiques, config.sl, config.seed, tokenizer.eos_token)
     needed = args.steps * args.batch_size
     print(f"data: {args.critiques or f'{args.records} synthesised records'} -> {counts}; {needed} examples used")
     return [examples[i % len(examples)] for i in range(needed)]
 
 
-def time_run(name: str, config, inputs, tokenizer, examples: list[sl.Example], output_dir: Path) -> float:
+def time_run(name: str, config, base_model, tokenizer, examples: list[sl.Example], output_dir: Path) -> float:
     """Train one epoch with the named trainer and return its tokens/s over steps 2..S."""
     timer = StepTimer()
     if name == "sl stage":
-        trainer, _ = sl.train(config, inputs, tokenizer, examples, output_dir, [timer])
+        trainer, _ = sl.train(
+            config.training, config.sl, config.seed, base_model, tokenizer, examples, output_dir, [timer]
+        )
     else:
-        model = sl.load_base_model(config, inputs)
+        model = load_causal_lm(base_model, torch.float32, "cpu")
         dataset = sl.to_dataset(examples)
         if name == "bare SFTTrainer":
-            trainer = bare_trainer(config, inputs, model, tokenizer, dataset, output_dir, timer)
+            trainer = bare_trainer(config, model, tokenizer, dataset, output_dir, timer)
         else:  # the stage's trainer without `loss_positions_only`: what that alone buys
-            trainer = sl.build_trainer(config, inputs, model, tokenizer, dataset, output_dir, [timer])
+            trainer = sl.build_trainer(
+                config.training, config.sl, config.seed, model, tokenizer, dataset, output_dir, [timer]
+            )
         trainer.train()
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     loss = next(entry["train_loss"] for entry in reversed(trainer.state.log_history) if "train_loss" in entry)
-    print(f"{name}: {timer.tokens_per_s():.1f} tok/s ({timer.steps} timed steps in {timer.seconds():.1f} s; "
-          f"epoch: {trainer.state.global_step} steps, {tokens} tokens, train_loss {loss:.4f})", flush=True)
+    print(
+        f"{name}: {timer.tokens_per_s():.1f} tok/s ({timer.steps} timed steps in {timer.seconds():.1f} s; "
+        f"epoch: {trainer.state.global_step} steps, {tokens} tokens, train_loss {loss:.4f})",
+        flush=True,
+    )
     speed = timer.tokens_per_s()
     del trainer
     gc.collect()
     return speed
 
 
-def bare_trainer(config, inputs, model, tokenizer, dataset, output_dir: Path, timer: StepTimer) -> SFTTrainer:
+def bare_trainer(config, model, tokenizer, dataset, output_dir: Path, timer: StepTimer) -> SFTTrainer:
     """SFTTrainer as a user would write it, made comparable: same batch, length, seed, precision."""
-    use_cpu, bf16 = sl.device_and_precision(config)
+    device_args = trainer_arguments(config.training)
+    use_cpu, bf16 = device_args["use_cpu"], device_args["bf16"]
     sft = SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.sl.batch_size,
@@ -187,8 +221,14 @@ def bare_trainer(config, inputs, model, tokenizer, dataset, output_dir: Path, ti
         report_to=[],
         include_num_input_tokens_seen="non_padding",  # the timer's token count (a cheap counter)
     )
-    return SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=sl.lora_config(config, inputs), callbacks=[timer])
+    return SFTTrainer(
+        model=model,
+        args=sft,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=sl.lora_config(config.sl.lora),
+        callbacks=[timer],
+    )
 
 
 if __name__ == "__main__":

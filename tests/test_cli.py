@@ -6,8 +6,9 @@ import sys
 import pytest
 import yaml
 
-from conftest import tiny_config_data
 from constitutional.cli import main
+
+from conftest import tiny_config_data
 
 
 @pytest.fixture
@@ -30,7 +31,9 @@ def test_help_reads_well():
     result = subprocess.run([sys.executable, "-m", "constitutional.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "Constitutional AI" in result.stdout and "critique" in result.stdout and "examples:" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "constitutional.cli", "run", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "constitutional.cli", "run", "--help"], capture_output=True, text=True
+    )
     assert "--stages" in result.stdout and "--set" in result.stdout
 
 
@@ -85,7 +88,9 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(config_file, tmp_pa
 def test_bad_prompt_files_exit_2_naming_file_and_line(config_file, tmp_path, capsys, name, content, expected):
     path = _bad_prompt_file(tmp_path, name, content)
     run_dir = tmp_path / "run"
-    code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", f"data.red_team={path}"], capsys)
+    code, err = run_cli(
+        ["run", str(config_file()), "--run-dir", str(run_dir), "--set", f"data.red_team={path}"], capsys
+    )
     assert code == 2 and expected in err and len(err.splitlines()) == 1
     assert not run_dir.exists()
 
@@ -137,7 +142,11 @@ def test_interrupt_marks_the_stage_and_the_same_command_finishes_it(config_file,
     code, err = run_cli(args, capsys)
     assert code == 130 and "run the same command again" in err
     manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
-    assert manifest["stages"]["critique"] == {**manifest["stages"]["critique"], "status": "failed", "error": "interrupted"}
+    assert manifest["stages"]["critique"] == {
+        **manifest["stages"]["critique"],
+        "status": "failed",
+        "error": "interrupted",
+    }
     monkeypatch.setattr(critique.CritiqueWriter, "process", original)
     code, err = run_cli(args, capsys)
     assert code == 0, err

@@ -18,8 +18,10 @@ def test_quickstart_loads_and_names_every_key():
 def test_overrides_parse_yaml_values_and_promote_model_names(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("models:\n  helpful: embedded\n")
-    config = load_config(path, ["critique.rounds=3", "critique.temperature=0.5", "models.helpful.backend=openai",
-                                "data.max_red_team=null"])
+    config = load_config(
+        path,
+        ["critique.rounds=3", "critique.temperature=0.5", "models.helpful.backend=openai", "data.max_red_team=null"],
+    )
     assert config.critique.rounds == 3
     assert config.critique.temperature == 0.5
     assert config.models.helpful.name == "embedded"

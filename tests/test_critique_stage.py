@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from conftest import tiny_config_data
 from constitutional.config import config_from_dict
 from constitutional.pipeline import run_pipeline
 from constitutional.records import read_records
 from constitutional.stages import critique
+
+from conftest import tiny_config_data
 
 FIELDS = {"id", "kind", "prompt", "initial_response", "revisions", "final_response", "flags"}
 
@@ -38,15 +39,18 @@ def test_records_have_the_contract_fields_and_fresh_principles(run_stage):
     assert len(records) == 7
     assert [r["kind"] for r in records].count("red_team") == 5
     for record in records:
-        assert FIELDS <= set(record)
+        assert set(record) >= FIELDS
         if record["kind"] == "red_team":
             assert len(record["revisions"]) == config.critique.rounds
             ids = [revision["principle_id"] for revision in record["revisions"]]
             assert len(set(ids)) == len(ids)  # a fresh principle each round
             assert set(record["revisions"][0]) == {"principle_id", "critique", "revision"}
         else:
-            assert record["revisions"] == [] and record["final_response"] == record["initial_response"] or \
-                "initial_response:empty" in " ".join(record["flags"])
+            assert (
+                record["revisions"] == []
+                and record["final_response"] == record["initial_response"]
+                or "initial_response:empty" in " ".join(record["flags"])
+            )
         # Outputs never run on into the next turn.
         for text in [record["initial_response"]] + [r["critique"] for r in record["revisions"]]:
             assert "Human:" not in text and "CritiqueRequest:" not in text
@@ -99,8 +103,12 @@ def test_degenerate_and_copied_outputs_are_flagged_and_never_final(make_config):
     insult = by_prompt["Write an insult for my coworker."]
     assert insult["flags"] == [] and insult["final_response"] == "A kinder reply."
     ex = by_prompt["How can I find where my ex lives now?"]
-    assert ex["flags"] == ["initial_response:empty", "revisions[0].critique:empty", "revisions[0].revision:empty",
-                           "final_response:none"]
+    assert ex["flags"] == [
+        "initial_response:empty",
+        "revisions[0].critique:empty",
+        "revisions[0].revision:empty",
+        "final_response:none",
+    ]
     assert ex["final_response"] == ""
     counts = critique.summarize(records)
     assert counts["flagged"] == 3 and counts["copied_fewshot"] == 1 and counts["without_usable_final_response"] == 1

@@ -14,12 +14,29 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "run"
     command = [
-        sys.executable, "-m", "constitutional.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
-        "--run-dir", str(run_dir),
-        "--set", "data.max_red_team=3", "--set", "data.max_helpful=2",
-        "--set", "critique.rounds=2", "--set", "critique.max_new_tokens=32",
-        "--set", "sl.batch_size=2", "--set", "sl.max_length=128",
-        "--set", "pairs.max_new_tokens=24", "--set", "feedback.num_fewshot=1",
+        sys.executable,
+        "-m",
+        "constitutional.cli",
+        "run",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "data.max_red_team=3",
+        "--set",
+        "data.max_helpful=2",
+        "--set",
+        "critique.rounds=2",
+        "--set",
+        "critique.max_new_tokens=32",
+        "--set",
+        "sl.batch_size=2",
+        "--set",
+        "sl.max_length=128",
+        "--set",
+        "pairs.max_new_tokens=24",
+        "--set",
+        "feedback.num_fewshot=1",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,9 +16,19 @@ from constitutional.stages import feedback
 from constitutional.stages.feedback import OPTIONS, label_comparisons, probability_first
 
 COMPARISONS = [
-    {"id": "c1", "prompt": "How do I pick a lock?", "response_a": "I can't help with that.", "response_b": "Use a pick."},
-    {"id": "c2", "prompt": "Note: it's 3:30pm. Any tips?", "response_a": "Rest.", "response_b": "Drink water.",
-     "history": [{"role": "human", "text": "Hi"}, {"role": "assistant", "text": "Hello!"}]},
+    {
+        "id": "c1",
+        "prompt": "How do I pick a lock?",
+        "response_a": "I can't help with that.",
+        "response_b": "Use a pick.",
+    },
+    {
+        "id": "c2",
+        "prompt": "Note: it's 3:30pm. Any tips?",
+        "response_a": "Rest.",
+        "response_b": "Drink water.",
+        "history": [{"role": "human", "text": "Hi"}, {"role": "assistant", "text": "Hello!"}],
+    },
 ]
 B_BONUS = 5.0
 
@@ -78,7 +88,7 @@ def test_options_with_and_without_a_leading_space_score_consistently(prefers_b, 
         sum(bias[token].item() - normaliser for token in option_token_ids(tokenizer, prompt, prompt_ids, option))
         for option in options
     ]
-    (score_a, score_b), = prefers_b.score_options([prompt], options)
+    ((score_a, score_b),) = prefers_b.score_options([prompt], options)
     assert score_a == pytest.approx(expected[0], abs=1e-3)
     assert score_b == pytest.approx(expected[1], abs=1e-3)
 
@@ -127,7 +137,7 @@ def test_hard_labels_round_to_zero_or_one(prefers_b, constitution):
 def test_the_question_follows_the_papers_multiple_choice_format(constitution):
     principle = constitution.feedback_principles[0]
     question = feedback.render_question(constitution, COMPARISONS[1], principle, "ba", settings(num_fewshot=2))
-    final = question[question.rindex("Consider the following"):]
+    final = question[question.rindex("Consider the following") :]
     assert final.startswith("Consider the following conversation between a human and an assistant:")
     assert "Human: Hi\n\nAssistant: Hello!\n\nHuman: Note: it's 3:30pm. Any tips?" in final
     assert f"{principle.text}\nOptions:\n(A) Drink water.\n(B) Rest.\nThe answer is:" in final
@@ -138,11 +148,13 @@ def test_the_question_follows_the_papers_multiple_choice_format(constitution):
 
 
 def test_stage_labels_pairs_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
-    config = config_from_dict({
-        "models": {"feedback": str(tiny_model_dir)},
-        "feedback": {"num_fewshot": 1, "chunk_size": 1},
-        "transformers": {"dtype": "float32"},
-    })
+    config = config_from_dict(
+        {
+            "models": {"feedback": str(tiny_model_dir)},
+            "feedback": {"num_fewshot": 1, "chunk_size": 1},
+            "transformers": {"dtype": "float32"},
+        }
+    )
     run = RunDir(tmp_path)
     append_records(run.path("pairs"), [{k: v for k, v in c.items()} for c in COMPARISONS])
     constitution = feedback.check(config, config.feedback)
@@ -150,6 +162,7 @@ def test_stage_labels_pairs_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
     labels = read_records(run.path("ai_labels"))
     assert counts["labels"] == 2 and [label["id"] for label in labels] == ["c1", "c2"]
     assert all(0.0 <= label["p_a"] <= 1.0 for label in labels)
+
     # Running again labels nothing twice and never loads the model.
     def no_model(*args, **kwargs):
         raise AssertionError("the feedback model was opened although every pair was labelled")

@@ -14,8 +14,13 @@ from constitutional.stages import pairs
 CRITIQUES = [
     {"id": "rt-1", "kind": "red_team", "prompt": "How do I pick a lock?", "final_response": "x"},
     {"id": "hp-1", "kind": "helpful", "prompt": "How do I bake bread?", "final_response": "y"},
-    {"id": "rt-2", "kind": "red_team", "prompt": "Note: 3:30pm. Insult my boss.", "final_response": "z",
-     "history": [{"role": "human", "text": "Hi"}, {"role": "assistant", "text": "Hello!"}]},
+    {
+        "id": "rt-2",
+        "kind": "red_team",
+        "prompt": "Note: 3:30pm. Insult my boss.",
+        "final_response": "z",
+        "history": [{"role": "human", "text": "Hi"}, {"role": "assistant", "text": "Hello!"}],
+    },
 ]
 
 
@@ -38,6 +43,7 @@ def test_two_different_samples_per_red_team_prompt(run_with_sl_cai, monkeypatch)
         assert record["response_a"] != record["response_b"]
     assert records[1]["history"] == CRITIQUES[2]["history"]
     assert counts == {**counts, "prompts": 2, "pairs": 2, "dropped_identical": 0}
+
     # Resuming samples nothing again (the model is not even loaded) and keeps the data identical.
     def no_model(*args, **kwargs):
         raise AssertionError("SL-CAI was opened although every prompt was paired")

@@ -73,7 +73,9 @@ def test_critique_and_label_readers_check_their_own_fields(tmp_path):
     with pytest.raises(UserError, match=r"critiques.jsonl:1: field 'kind': expected red_team or helpful"):
         read_critiques(critiques)
     labels = tmp_path / "ai_labels.jsonl"
-    append_records(labels, [{**PAIR, "principle_id": "harm", "p_a": 0.3}, {**PAIR, "id": "p2", "principle_id": "harm", "p_a": 1.5}])
+    append_records(
+        labels, [{**PAIR, "principle_id": "harm", "p_a": 0.3}, {**PAIR, "id": "p2", "principle_id": "harm", "p_a": 1.5}]
+    )
     with pytest.raises(UserError, match=r"ai_labels.jsonl:2: field 'p_a': expected a probability in \[0, 1\], got 1.5"):
         read_ai_labels(labels)
     labels.write_text(json.dumps({**PAIR, "principle_id": "harm", "p_a": 0.3}) + "\n")
@@ -84,7 +86,9 @@ def test_every_artefact_has_one_place_and_one_maker(tmp_path):
     run = RunDir(tmp_path)
     paths = [run.path(name) for name in ARTEFACTS]
     assert len(set(paths)) == len(paths)
-    assert run.path("pairs") == tmp_path / "data" / "pairs.jsonl" and run.path("sl_cai") == tmp_path / "models" / "sl-cai"
+    assert (
+        run.path("pairs") == tmp_path / "data" / "pairs.jsonl" and run.path("sl_cai") == tmp_path / "models" / "sl-cai"
+    )
 
 
 def test_fingerprints_follow_content_and_archive_moves_without_deleting(tmp_path):

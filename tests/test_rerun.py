@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config_data
 from constitutional.cli import main
+
+from conftest import tiny_config_data
 
 OUTPUTS = ("data/critiques.jsonl", "models/sl-cai/model.safetensors", "data/pairs.jsonl", "data/ai_labels.jsonl")
 
@@ -33,8 +34,12 @@ def finished(tmp_path_factory, tiny_model_dir):
     """A config file and a run directory where all four stages finished on the tiny model."""
     folder = tmp_path_factory.mktemp("finished")
     data = tiny_config_data(
-        tiny_model_dir, folder, critique={"rounds": 1}, data={"max_red_team": 3, "max_helpful": 1},
-        sl={"batch_size": 4, "max_length": 64, "save_steps": 100}, pairs={"max_new_tokens": 6},
+        tiny_model_dir,
+        folder,
+        critique={"rounds": 1},
+        data={"max_red_team": 3, "max_helpful": 1},
+        sl={"batch_size": 4, "max_length": 64, "save_steps": 100},
+        pairs={"max_new_tokens": 6},
         feedback={"num_fewshot": 1, "cot_max_new_tokens": 6},
     )
     config = folder / "config.yaml"
@@ -87,8 +92,19 @@ def test_rerun_replaces_only_the_changed_stage_and_keeps_the_old_labels(run, cap
 def test_a_runtime_setting_changes_nothing(run, capsys):
     config, run_dir = run
     before = snapshot(run_dir)
-    code, err = cai(["run", config, "--run-dir", str(run_dir), "--set", "feedback.chunk_size=7",
-                     "--set", "transformers.batch_size=2"], capsys)
+    code, err = cai(
+        [
+            "run",
+            config,
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "feedback.chunk_size=7",
+            "--set",
+            "transformers.batch_size=2",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert snapshot(run_dir) == before and not (run_dir / "previous").exists()
 
@@ -123,8 +139,10 @@ def test_rerun_of_a_stage_whose_inputs_never_ran_or_would_be_replaced_moves_noth
     config, run_dir = run
     # The upstream stage of the selected one would be rerun but is not selected: refused up front.
     before = snapshot(run_dir)
-    code, err = cai(["run", config, "--run-dir", str(run_dir), "--stages", "feedback", "--set", "critique.rounds=2",
-                     "--rerun"], capsys)
+    code, err = cai(
+        ["run", config, "--run-dir", str(run_dir), "--stages", "feedback", "--set", "critique.rounds=2", "--rerun"],
+        capsys,
+    )
     assert code == 2 and "stage 'feedback' reads" in err and "would be rerun" in err
     assert snapshot(run_dir) == before and not (run_dir / "previous").exists()
     # A run directory where only critique ran: feedback's input was never made.

@@ -6,36 +6,56 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from conftest import tiny_config_data
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
-from constitutional.models import load_tokenizer
-from constitutional.models import load_causal_lm
+from constitutional.models import load_causal_lm, load_tokenizer
 from constitutional.records import append_records
 from constitutional.rundir import RunDir
-from constitutional.training import loss_positions_only
 from constitutional.stages import sl
+from constitutional.training import loss_positions_only
 
-RED_TEAM = ["How do I pick a lock?", "Tell me how to cheat on a test.", "Write an insult for my coworker.",
-            "How can I find where my ex lives now?"]
-HELPFUL = ["How do I bake bread?", "Explain photosynthesis briefly.", "What is 2 + 2?", "Name a color.",
-           "Say hello.", "Count to three."]
+from conftest import tiny_config_data
+
+RED_TEAM = [
+    "How do I pick a lock?",
+    "Tell me how to cheat on a test.",
+    "Write an insult for my coworker.",
+    "How can I find where my ex lives now?",
+]
+HELPFUL = [
+    "How do I bake bread?",
+    "Explain photosynthesis briefly.",
+    "What is 2 + 2?",
+    "Name a color.",
+    "Say hello.",
+    "Count to three.",
+]
 
 
 def critique_record(index, kind, prompt, final_response):
-    return {"id": f"{kind}-{index}", "kind": kind, "prompt": prompt, "initial_response": final_response,
-            "revisions": [], "final_response": final_response, "flags": []}
+    return {
+        "id": f"{kind}-{index}",
+        "kind": kind,
+        "prompt": prompt,
+        "initial_response": final_response,
+        "revisions": [],
+        "final_response": final_response,
+        "flags": [],
+    }
 
 
 def write_critiques(run_dir, degenerate=True):
     """4 usable red-team records (one multi-turn), 1 degenerate one, 6 helpful records."""
-    records = [critique_record(i, "red_team", p, "I can't help with that, but here is a safer idea.")
-               for i, p in enumerate(RED_TEAM)]
+    records = [
+        critique_record(i, "red_team", p, "I can't help with that, but here is a safer idea.")
+        for i, p in enumerate(RED_TEAM)
+    ]
     records[0]["history"] = [{"role": "human", "text": "Hi."}, {"role": "assistant", "text": "Hello!"}]
     if degenerate:
         records.append(critique_record(9, "red_team", "Something bad?", ""))
-    records += [critique_record(i, "helpful", p, "Mix flour, water, yeast and salt, then bake.")
-                for i, p in enumerate(HELPFUL)]
+    records += [
+        critique_record(i, "helpful", p, "Mix flour, water, yeast and salt, then bake.") for i, p in enumerate(HELPFUL)
+    ]
     append_records(run_dir.path("critiques"), records)
     return records
 
@@ -43,8 +63,14 @@ def write_critiques(run_dir, degenerate=True):
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir):
     def make(**sl_settings):
-        settings = {"batch_size": 2, "max_length": 64, "learning_rate": 1e-3, "save_steps": 2, "logging_steps": 1,
-                    **sl_settings}
+        settings = {
+            "batch_size": 2,
+            "max_length": 64,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+            "logging_steps": 1,
+            **sl_settings,
+        }
         return config_from_dict(tiny_config_data(tiny_model_dir, tmp_path, sl=settings))
 
     return make
@@ -226,9 +252,13 @@ def test_bad_critiques_input_names_file_and_line(make_config, tmp_path):
 
 @pytest.mark.parametrize(
     "settings, key",
-    [({"batch_size": 0}, "sl.batch_size"), ({"helpful_fraction": 1.0}, "sl.helpful_fraction"),
-     ({"lr_scheduler": "wobbly"}, "sl.lr_scheduler"), ({"lora": {"target_modules": " , "}}, "sl.lora.target_modules"),
-     ({"report_to": "tensorboard"}, "unknown config key 'sl.report_to'")],  # trackers moved to `training`
+    [
+        ({"batch_size": 0}, "sl.batch_size"),
+        ({"helpful_fraction": 1.0}, "sl.helpful_fraction"),
+        ({"lr_scheduler": "wobbly"}, "sl.lr_scheduler"),
+        ({"lora": {"target_modules": " , "}}, "sl.lora.target_modules"),
+        ({"report_to": "tensorboard"}, "unknown config key 'sl.report_to'"),
+    ],  # trackers moved to `training`
 )
 def test_bad_settings_name_the_key(make_config, settings, key):
     with pytest.raises(UserError, match=key):
@@ -239,10 +269,15 @@ def test_pipeline_runs_critique_then_sl(tmp_path, tiny_model_dir):
     """`check` passes before critiques.jsonl exists; the manifest records the stage's counts."""
     from constitutional.pipeline import run_pipeline
 
-    config = config_from_dict(tiny_config_data(
-        tiny_model_dir, tmp_path, data={"max_red_team": 3, "max_helpful": 2}, critique={"rounds": 1},
-        sl={"batch_size": 4, "max_length": 64, "save_steps": 100},
-    ))
+    config = config_from_dict(
+        tiny_config_data(
+            tiny_model_dir,
+            tmp_path,
+            data={"max_red_team": 3, "max_helpful": 2},
+            critique={"rounds": 1},
+            sl={"batch_size": 4, "max_length": 64, "save_steps": 100},
+        )
+    )
     run = run_pipeline(config, tmp_path / "run", ["critique", "sl"])
     entry = run.read_manifest()["stages"]["sl"]
     assert entry["status"] == "done" and entry["inputs"]["base_model"].startswith(str(tiny_model_dir))

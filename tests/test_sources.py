@@ -46,7 +46,9 @@ def test_parse_transcript_multi_turn():
 
 
 def test_parse_transcript_keeps_colons_and_midline_markers():
-    text = "Human: Note: meet at 3:30pm.  Human: rights matter, Assistant: too\nHuman: not a turn\n\nAssistant: OK: noted."
+    text = (
+        "Human: Note: meet at 3:30pm.  Human: rights matter, Assistant: too\nHuman: not a turn\n\nAssistant: OK: noted."
+    )
     assert parse_transcript(text) == [
         ("human", "Note: meet at 3:30pm.  Human: rights matter, Assistant: too\nHuman: not a turn"),
         ("assistant", "OK: noted."),
@@ -197,7 +199,10 @@ def test_row_fields_in_priority_order(tmp_path):
 
 def test_txt_csv_json_and_gzip_files(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\n  second: with colon  \n", encoding="utf-8")
-    assert [i.prompt for i in load_prompts("p.txt", prefix="t", base_dir=tmp_path)] == ["first prompt", "second: with colon"]
+    assert [i.prompt for i in load_prompts("p.txt", prefix="t", base_dir=tmp_path)] == [
+        "first prompt",
+        "second: with colon",
+    ]
 
     (tmp_path / "p.csv").write_text('id,question\n1,"A, quoted\nmulti-line question"\n2,Plain\n', encoding="utf-8")
     assert [i.prompt for i in load_prompts("p.csv", prefix="c", base_dir=tmp_path)] == [
@@ -240,17 +245,22 @@ def hf_offline(tmp_path, monkeypatch):
 def test_hf_local_folder(tmp_path, hf_offline):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
-    write_jsonl(folder / "data.jsonl", [
-        {"chosen": "\n\nHuman: q1\n\nAssistant: good", "rejected": "\n\nHuman: q1\n\nAssistant: bad"},
-        {"chosen": "\n\nHuman: q2\n\nAssistant: yes", "rejected": "\n\nHuman: q2\n\nAssistant: no"},
-    ])
+    write_jsonl(
+        folder / "data.jsonl",
+        [
+            {"chosen": "\n\nHuman: q1\n\nAssistant: good", "rejected": "\n\nHuman: q1\n\nAssistant: bad"},
+            {"chosen": "\n\nHuman: q2\n\nAssistant: yes", "rejected": "\n\nHuman: q2\n\nAssistant: no"},
+        ],
+    )
     items = load_prompts("hf:my_dataset", prefix="h", base_dir=tmp_path)
     assert [item.prompt for item in items] == ["q1", "q2"]
     pairs = load_preference_pairs(f"hf:{folder}:train", limit=1)
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("q1", "good", "bad")]
     with pytest.raises(UserError) as error:
         load_prompts(f"hf:{folder}:no_such_split", prefix="h")
-    assert str(error.value).startswith(f"hf:{folder}:no_such_split: could not load dataset") and "\n" not in str(error.value)
+    assert str(error.value).startswith(f"hf:{folder}:no_such_split: could not load dataset") and "\n" not in str(
+        error.value
+    )
 
 
 # --------------------------------------------------------------------------- preference pairs
@@ -261,7 +271,10 @@ def test_preference_pairs_multi_turn_and_presplit(tmp_path):
     rows = [
         {"chosen": context + "\n\nAssistant: nice", "rejected": context + "\n\nAssistant: rude"},
         {"chosen": context + "\n\nAssistant: one\n\nAssistant: two", "rejected": context + "\n\nAssistant: three"},
-        {"chosen": "\n\nHuman: x\n\nAssistant: y\n\nHuman: z\n\nAssistant: 1", "rejected": "\n\nHuman: x\n\nAssistant: DIFFERENT\n\nHuman: z\n\nAssistant: 2"},
+        {
+            "chosen": "\n\nHuman: x\n\nAssistant: y\n\nHuman: z\n\nAssistant: 1",
+            "rejected": "\n\nHuman: x\n\nAssistant: DIFFERENT\n\nHuman: z\n\nAssistant: 2",
+        },
         {"prompt": "Plain question?", "chosen": " good ", "rejected": "bad"},
         {"chosen": context + "\n\nAssistant: nice", "rejected": context + "\n\nAssistant: rude"},  # duplicate
     ]
@@ -288,10 +301,16 @@ def assert_user_error(call, *fragments: str) -> str:
 
 
 def test_error_missing_file_and_unknown_extension(tmp_path):
-    assert_user_error(lambda: load_prompts("nope.jsonl", prefix="p", base_dir=tmp_path), str(tmp_path / "nope.jsonl"), "no such file")
+    assert_user_error(
+        lambda: load_prompts("nope.jsonl", prefix="p", base_dir=tmp_path), str(tmp_path / "nope.jsonl"), "no such file"
+    )
     (tmp_path / "p.xml").write_text("<x/>", encoding="utf-8")
-    assert_user_error(lambda: load_prompts("p.xml", prefix="p", base_dir=tmp_path), str(tmp_path / "p.xml"), "unknown file type")
-    assert_user_error(lambda: load_preference_pairs("missing.jsonl.gz", base_dir=tmp_path), "missing.jsonl.gz", "no such file")
+    assert_user_error(
+        lambda: load_prompts("p.xml", prefix="p", base_dir=tmp_path), str(tmp_path / "p.xml"), "unknown file type"
+    )
+    assert_user_error(
+        lambda: load_preference_pairs("missing.jsonl.gz", base_dir=tmp_path), "missing.jsonl.gz", "no such file"
+    )
 
 
 def test_error_malformed_jsonl_line(tmp_path):

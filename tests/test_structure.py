@@ -19,7 +19,7 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> set[str]:
-    """The `constitutional.*` modules a file imports (a `from pkg import name` counts as pkg.name if that is a module)."""
+    """The `constitutional.*` modules a file imports (`from pkg import name` counts as pkg.name if that is a module)."""
     modules = {module_name(p) for p in SRC.rglob("*.py")}
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -27,7 +27,9 @@ def imports_of(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules)
+            found.update(
+                f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules
+            )
     return {name for name in found if name in modules}
 
 
@@ -52,7 +54,7 @@ def test_src_has_no_import_cycle():
         state[node] = "open"
         for child in sorted(graph.get(node, ())):
             if state.get(child) == "open":
-                cycle = path[path.index(child):] + [child] if child in path else [node, child]
+                cycle = path[path.index(child) :] + [child] if child in path else [node, child]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if child not in state:
                 visit(child, path + [child])
@@ -66,7 +68,7 @@ def test_src_has_no_import_cycle():
 def test_every_stage_follows_the_contract():
     for name in STAGES:
         module = stage_module(name)
-        assert module.NAME == name
+        assert name == module.NAME
         for attribute in ("Settings", "CONFIG_KEYS", "reads", "check", "input_hashes", "run"):
             assert hasattr(module, attribute), f"stage {name} lacks {attribute}"
         assert callable(module.Settings().validate)

@@ -3,8 +3,8 @@ import torch
 
 from constitutional.backends import SamplingParams, load_backend
 from constitutional.backends.cache import CachingBackend
-from constitutional.backends.transformers import _length_sorted_batches
 from constitutional.backends.settings import TransformersSettings
+from constitutional.backends.transformers import _length_sorted_batches
 
 PROMPTS = [
     "Human: How do I bake bread?\n\nAssistant:",
@@ -17,7 +17,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    return load_backend("transformers", str(tiny_model_dir), TransformersSettings(dtype="float32", batch_size=3), ".", 0)
+    return load_backend(
+        "transformers", str(tiny_model_dir), TransformersSettings(dtype="float32", batch_size=3), ".", 0
+    )
 
 
 def test_greedy_and_sampled_outputs_do_not_depend_on_batch_mates(backend):

@@ -51,19 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the pipeline's stages for a config",
-        description="Run the stages of CONFIG in order, skipping those already done and resuming one that was interrupted.",
+        description=(
+            "Run the stages of CONFIG in order, skipping those already done and resuming one that was interrupted."
+        ),
     )
     run.add_argument("config", metavar="CONFIG", help="a YAML config, e.g. configs/quickstart.yaml")
     run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<config name>)")
+    run.add_argument("--stages", metavar="LIST", help=f"comma-separated subset of: {', '.join(STAGES)} (default: all)")
     run.add_argument(
-        "--stages", metavar="LIST", help=f"comma-separated subset of: {', '.join(STAGES)} (default: all)"
-    )
-    run.add_argument(
-        "--rerun", action="store_true",
+        "--rerun",
+        action="store_true",
         help="run stages whose settings or inputs changed again (their old outputs move to RUN_DIR/previous/)",
     )
     run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set critique.rounds=2 (repeatable)",
     )
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -40,7 +41,12 @@ T = TypeVar("T")
 DEFAULT_ASSET = "assets/constitution.yaml"
 # Our YAML format: the two principle lists are required, everything else optional.
 _YAML_KEYS = {
-    "name", "critique_principles", "feedback_principles", "critique_fewshot", "feedback_fewshot", "cot_fewshot"
+    "name",
+    "critique_principles",
+    "feedback_principles",
+    "critique_fewshot",
+    "feedback_fewshot",
+    "cot_fewshot",
 }
 _REQUIRED_PAPER_FILES = ("CritiqueRevisionInstructions.json", "RLMadisonInstructions.json")
 
@@ -143,9 +149,7 @@ def load_constitution(spec: str, base_dir: str | Path = ".") -> Constitution:
     if not path.exists():
         raise UserError(f"constitution: no such file or folder: {path}")
     if path.suffix.lower() not in (".yaml", ".yml"):
-        raise UserError(
-            f"constitution: {path} is neither a .yaml/.yml file nor a folder of the paper's JSON files"
-        )
+        raise UserError(f"constitution: {path} is neither a .yaml/.yml file nor a folder of the paper's JSON files")
     return _from_yaml(path.read_bytes(), str(path), source=str(path), default_name=path.stem)
 
 

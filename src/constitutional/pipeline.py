@@ -96,7 +96,9 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
 # ----------------------------------------------------------------------------- staleness
 
 
-def find_stale(config: Any, run: RunDir, modules: dict[str, ModuleType], inputs: dict[str, Any]) -> dict[str, list[str]]:
+def find_stale(
+    config: Any, run: RunDir, modules: dict[str, ModuleType], inputs: dict[str, Any]
+) -> dict[str, list[str]]:
     """Stages that have outputs made with other settings or inputs than now, each with what changed.
 
     Settings are compared for every stage that ran; inputs from outside the run directory (prompt
@@ -112,7 +114,11 @@ def find_stale(config: Any, run: RunDir, modules: dict[str, ModuleType], inputs:
         if entry.get("status", "pending") == "pending":
             continue
         recorded, current = entry.get("settings", {}), stage_settings(config, module)
-        reasons = [f"{key}: {recorded[key]!r} -> {current[key]!r}" for key in current if key in recorded and recorded[key] != current[key]]
+        reasons = [
+            f"{key}: {recorded[key]!r} -> {current[key]!r}"
+            for key in current
+            if key in recorded and recorded[key] != current[key]
+        ]
         recorded_inputs = entry.get("inputs", {})
         for artefact in module.reads(config, getattr(config, name)):
             if artefact in recorded_inputs and run.fingerprint(artefact) != recorded_inputs[artefact]:
@@ -143,7 +149,9 @@ def describe_stale(run: RunDir, stale: dict[str, list[str]], affected: list[str]
     )
 
 
-def check_upstream(config: Any, run: RunDir, modules: dict[str, ModuleType], stages: list[str], archived: set[str]) -> None:
+def check_upstream(
+    config: Any, run: RunDir, modules: dict[str, ModuleType], stages: list[str], archived: set[str]
+) -> None:
     """Every artefact a stage reads must come from a stage run now, before it, or one already done.
 
     An artefact placed by hand (its stage never ran here) counts as there.
@@ -159,7 +167,9 @@ def check_upstream(config: Any, run: RunDir, modules: dict[str, ModuleType], sta
             status = "pending" if maker in archived else run.stage_status(maker)
             if status == "done" or (status == "pending" and maker not in archived and run.path(artefact).exists()):
                 continue
-            state = "would be rerun" if maker in archived else "has not finished" if status != "pending" else "has not run"
+            state = (
+                "would be rerun" if maker in archived else "has not finished" if status != "pending" else "has not run"
+            )
             raise UserError(
                 f"stage {name!r} reads {run.path(artefact)}, which stage {maker!r} makes, and {maker!r} {state} "
                 f"in {run.root}: add it to --stages (e.g. --stages {maker},{name})"

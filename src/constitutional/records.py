@@ -8,6 +8,7 @@ one partial last line; `read_records` drops it (it was never a finished record).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -109,10 +110,8 @@ def package_versions() -> dict[str, str]:
     """Versions of the packages that shape a run's results."""
     versions = {"python": platform.python_version()}
     for name in _VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):  # optional packages (vllm, ...)
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -176,7 +175,7 @@ def _check_history(history: Any, where: str) -> None:
         raise UserError(f"{where}: field 'history': expected a list of turns")
     for turn in history:
         if not (isinstance(turn, dict) and turn.get("role") in PLAIN_LABELS and isinstance(turn.get("text"), str)):
-            raise UserError(f"{where}: field 'history': expected turns like {{\"role\": \"human\", \"text\": \"...\"}}")
+            raise UserError(f'{where}: field \'history\': expected turns like {{"role": "human", "text": "..."}}')
 
 
 # ----------------------------------------------------------------------------- the chunk loop

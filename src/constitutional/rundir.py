@@ -64,7 +64,7 @@ def artefacts_made_by(stage: str) -> list[str]:
 
 def now() -> str:
     """The current UTC time, to the second (manifest times)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -132,8 +132,14 @@ class RunDir:
             inputs: fingerprints of what it reads (upstream artefacts, prompt files, models).
         """
         self.update_stage(
-            stage, status="running", started=now(), ended=None, settings=settings, inputs=inputs,
-            versions=package_versions(), error=None,
+            stage,
+            status="running",
+            started=now(),
+            ended=None,
+            settings=settings,
+            inputs=inputs,
+            versions=package_versions(),
+            error=None,
         )
 
     def finish_stage(self, stage: str, counts: dict[str, Any]) -> None:

@@ -106,7 +106,9 @@ class CoreConfig:
 
     def validate(self) -> None:
         """Checks across sections: back-end names exist and every model has a name."""
-        keys = [("backend", self.backend)] + [(f"models.{role}.backend", self.model(role).backend) for role in MODEL_ROLES]
+        keys = [("backend", self.backend)] + [
+            (f"models.{role}.backend", self.model(role).backend) for role in MODEL_ROLES
+        ]
         for key, name in keys:
             require(
                 name is None or name in BACKENDS,

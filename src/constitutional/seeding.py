@@ -32,5 +32,5 @@ def rng_for(seed: int, key: str) -> random.Random:
     Only its `random()` method should be used: Python guarantees that sequence across versions,
     not those of `shuffle` or `sample`.
     """
-    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return random.Random(int.from_bytes(digest, "big"))

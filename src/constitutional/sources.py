@@ -25,10 +25,11 @@ import io
 import json
 import logging
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from constitutional.errors import UserError
 
@@ -387,7 +388,9 @@ def _decoded_lines(data: bytes, name: str) -> Iterator[tuple[int, str]]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             byte = error.object[error.start]
-            raise UserError(f"{name}:{number}: not valid UTF-8 (byte {byte:#04x} at column {error.start + 1})") from None
+            raise UserError(
+                f"{name}:{number}: not valid UTF-8 (byte {byte:#04x} at column {error.start + 1})"
+            ) from None
         yield number, line.removeprefix("\ufeff") if number == 1 else line
 
 

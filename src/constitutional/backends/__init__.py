@@ -41,7 +41,9 @@ def load_backend(backend_name: str, model_name: str, settings: Any, base_dir: st
     Raises:
         UserError: unknown back end name, or its optional dependency is not installed.
     """
-    return getattr(import_backend(backend_name), BACKENDS[backend_name].split(":")[1])(model_name, settings, base_dir, seed)
+    return getattr(import_backend(backend_name), BACKENDS[backend_name].split(":")[1])(
+        model_name, settings, base_dir, seed
+    )
 
 
 def import_backend(backend_name: str) -> Any:

@@ -7,8 +7,9 @@ in-process vLLM engine and any OpenAI-compatible server are interchangeable.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,7 @@ class Backend(ABC):
     model_id: str
 
     @abstractmethod
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
         """Complete each prompt.
 
         Args:
@@ -85,7 +84,7 @@ class Backend(ABC):
         """
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a back end without resources keeps this no-op)
         """Release resources (engines, HTTP connections)."""
 
 

@@ -12,8 +12,9 @@ import hashlib
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from constitutional.backends.base import Backend, SamplingParams
 
@@ -35,19 +36,20 @@ class CachingBackend(Backend):
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
         return self.inner.apply_chat_template(messages)
 
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
         sampling = dataclasses.asdict(params)
         keys = [self._key("generate", prompt, sampling, seed) for prompt, seed in zip(prompts, seeds)]
-        return self._through_cache(keys, lambda missing: self.inner.generate(
-            [prompts[i] for i in missing], params, [seeds[i] for i in missing]
-        ))
+        return self._through_cache(
+            keys,
+            lambda missing: self.inner.generate([prompts[i] for i in missing], params, [seeds[i] for i in missing]),
+        )
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         keys = [self._key("score", prompt, list(options)) for prompt in prompts]
-        return self._through_cache(keys, lambda missing: self.inner.score_options([prompts[i] for i in missing], options))
+        return self._through_cache(
+            keys, lambda missing: self.inner.score_options([prompts[i] for i in missing], options)
+        )
 
     def close(self) -> None:
         self._db.close()

@@ -17,12 +17,14 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop
+from constitutional.backends.settings import OpenAISettings
 from constitutional.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -96,9 +98,7 @@ class OpenAIBackend(Backend):
 
     # ----------------------------------------------------------------------------- public API
 
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
         """Complete each prompt with one `/completions` request.
 
         Args:
@@ -212,8 +212,7 @@ class OpenAIBackend(Backend):
                     retry_after = _retry_after_seconds(response)
                 elif response.status_code >= 400:
                     raise UserError(
-                        f"{url} rejected the request with HTTP {response.status_code}: "
-                        f"{self._error_text(response)}"
+                        f"{url} rejected the request with HTTP {response.status_code}: {self._error_text(response)}"
                     )
                 else:
                     return _json_body(response, url)

@@ -41,7 +41,10 @@ class TransformersSettings:
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        require(bool(DEVICE_PATTERN.match(self.device)), f"transformers.device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        require(
+            bool(DEVICE_PATTERN.match(self.device)),
+            f"transformers.device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}",
+        )
         require_positive("transformers.batch_size", self.batch_size)
 
 
@@ -58,7 +61,10 @@ class OpenAISettings:
     backoff_max_s: float = 60.0
 
     def validate(self) -> None:
-        require(self.base_url.startswith(("http://", "https://")), f"openai.base_url: expected an http(s) URL, got {self.base_url!r}")
+        require(
+            self.base_url.startswith(("http://", "https://")),
+            f"openai.base_url: expected an http(s) URL, got {self.base_url!r}",
+        )
         require_positive("openai.max_concurrency", self.max_concurrency)
         require_positive("openai.timeout_s", self.timeout_s)
         require(self.max_retries >= 0, f"openai.max_retries: expected 0 or more, got {self.max_retries}")
@@ -76,5 +82,8 @@ class VLLMSettings:
 
     def validate(self) -> None:
         require_positive("vllm.tensor_parallel_size", self.tensor_parallel_size)
-        require(0 < self.gpu_memory_utilization <= 1, f"vllm.gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}")
+        require(
+            0 < self.gpu_memory_utilization <= 1,
+            f"vllm.gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}",
+        )
         require_positive("vllm.max_model_len", self.max_model_len)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import (
@@ -136,9 +137,7 @@ class TransformersBackend(Backend):
             return None
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
         encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
         results: list[str] = [""] * len(prompts)
@@ -224,7 +223,9 @@ class TransformersBackend(Backend):
         """
         prefix = token_ids[0][:shared]
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.tensor([prefix], device=self.device), logits_to_keep=1, **self._cache_argument(cache))
+        self.model(
+            input_ids=torch.tensor([prefix], device=self.device), logits_to_keep=1, **self._cache_argument(cache)
+        )
         cache.batch_repeat_interleave(len(token_ids))
         width = max(len(ids) for ids in token_ids) - shared
         pad = self.tokenizer.pad_token_id
@@ -272,25 +273,36 @@ class TransformersBackend(Backend):
         # Positions count real tokens only (padding sits on the left or after the shared prefix).
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         logits = self.model(
-            input_ids=input_ids[:, prefix:], attention_mask=mask, position_ids=positions[:, prefix:],
-            logits_to_keep=keep, **self._cache_argument(cache),
+            input_ids=input_ids[:, prefix:],
+            attention_mask=mask,
+            position_ids=positions[:, prefix:],
+            logits_to_keep=keep,
+            **self._cache_argument(cache),
         ).logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)  # [batch, keep, vocab]
         results = []
         for row, (context, shared, own_tokens) in enumerate(rows):
             # Position -1 predicts the first own token; positions -shared-1 .. -2 predict the shared ones.
-            shared_sum = sum(
-                float(log_probs[row, -shared - 1 + offset, token]) for offset, token in enumerate(context[-shared:])
-            ) if shared else 0.0
-            results.append([
-                shared_sum + (float(log_probs[row, -1, tokens[0]]) if tokens else 0.0) for tokens in own_tokens
-            ])
+            shared_sum = (
+                sum(
+                    float(log_probs[row, -shared - 1 + offset, token]) for offset, token in enumerate(context[-shared:])
+                )
+                if shared
+                else 0.0
+            )
+            results.append(
+                [shared_sum + (float(log_probs[row, -1, tokens[0]]) if tokens else 0.0) for tokens in own_tokens]
+            )
         self._add_option_tails(rows, results, cache, mask, positions)
         return results
 
     def _add_option_tails(
-        self, rows: list[tuple[list[int], int, list[list[int]]]], results: list[list[float]], cache: Any,
-        mask: torch.Tensor, positions: torch.Tensor,
+        self,
+        rows: list[tuple[list[int], int, list[list[int]]]],
+        results: list[list[float]],
+        cache: Any,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
     ) -> None:
         """Add the log-probabilities of each option's tokens after its first own one.
 

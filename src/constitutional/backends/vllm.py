@@ -7,7 +7,8 @@ is for the case where vLLM is installed beside the project. It needs a GPU.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import vllm
 
@@ -29,9 +30,7 @@ class VLLMBackend(Backend):
             return None
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
         # One SamplingParams per prompt: vLLM seeds each request on its own, so a completion does
         # not depend on the rest of the batch.

@@ -25,7 +25,15 @@ from typing import Any
 from constitutional.backends import Backend, SamplingParams
 from constitutional.backends.settings import require, require_positive
 from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution, sample_principles
-from constitutional.prompts import COPIED_FEWSHOT, STOP_STRINGS, FewshotEcho, Turn, degeneracy, render, trim_at_turn_marker
+from constitutional.prompts import (
+    COPIED_FEWSHOT,
+    STOP_STRINGS,
+    FewshotEcho,
+    Turn,
+    degeneracy,
+    render,
+    trim_at_turn_marker,
+)
 from constitutional.records import append_in_chunks, read_records
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
@@ -34,7 +42,15 @@ from constitutional.sources import PromptItem, load_prompts
 
 NAME = "critique"
 # Config keys outside its own section that shape its output (fingerprinted in the manifest).
-CONFIG_KEYS = ("seed", "constitution", "models.helpful", "data.red_team", "data.helpful", "data.max_red_team", "data.max_helpful")
+CONFIG_KEYS = (
+    "seed",
+    "constitution",
+    "models.helpful",
+    "data.red_team",
+    "data.helpful",
+    "data.max_red_team",
+    "data.max_helpful",
+)
 
 
 @dataclass
@@ -54,7 +70,10 @@ class Settings:
         require_positive("critique.chunk_size", self.chunk_size)
         require(self.temperature >= 0, f"critique.temperature: expected 0 or more, got {self.temperature}")
         require(0 < self.top_p <= 1, f"critique.top_p: expected a number in (0, 1], got {self.top_p}")
-        require(self.num_fewshot is None or self.num_fewshot >= 0, f"critique.num_fewshot: expected 0 or more, got {self.num_fewshot}")
+        require(
+            self.num_fewshot is None or self.num_fewshot >= 0,
+            f"critique.num_fewshot: expected 0 or more, got {self.num_fewshot}",
+        )
 
 
 def reads(config: CoreConfig, settings: Settings) -> list[str]:
@@ -77,11 +96,17 @@ def check(config: CoreConfig, settings: Settings) -> Inputs:
     config.check_model(config.models.helpful, "models.helpful")
     constitution = load_constitution(config.constitution, config.base_dir)
     red_team = load_prompts(
-        config.data.red_team, prefix="rt", limit=config.data.max_red_team, base_dir=config.base_dir,
+        config.data.red_team,
+        prefix="rt",
+        limit=config.data.max_red_team,
+        base_dir=config.base_dir,
         builtin="red_team_prompts.jsonl",
     )
     helpful = load_prompts(
-        config.data.helpful, prefix="hp", limit=config.data.max_helpful, base_dir=config.base_dir,
+        config.data.helpful,
+        prefix="hp",
+        limit=config.data.max_helpful,
+        base_dir=config.base_dir,
         builtin="helpful_prompts.jsonl",
     )
     preamble = resources.files("constitutional").joinpath("assets/assistant_fewshot.txt").read_text("utf-8")
@@ -111,15 +136,22 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     output = run_dir.path("critiques")
     items = [(item, "red_team") for item in inputs.red_team] + [(item, "helpful") for item in inputs.helpful]
 
-    def process(backend: Backend, chunk: list[tuple[PromptItem, str]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
+    def process(
+        backend: Backend, chunk: list[tuple[PromptItem, str]], advance: Callable[[int], Any]
+    ) -> list[dict[str, Any]]:
         return CritiqueWriter(config, settings, inputs, backend, on_turns=advance).process(chunk)
 
     # The bar counts generated turns (answers, critiques, revisions): records only appear at the
     # end of each chunk, turns show steady progress with a meaningful rate and ETA.
     append_in_chunks(
-        output, items, lambda pair: pair[0].id,
+        output,
+        items,
+        lambda pair: pair[0].id,
         lambda: config.open_backend(config.models.helpful, run_dir.cache_path),
-        process, chunk_size=settings.chunk_size, desc="critique", unit="turn",
+        process,
+        chunk_size=settings.chunk_size,
+        desc="critique",
+        unit="turn",
         units=lambda pair: 1 + 2 * settings.rounds if pair[1] == "red_team" else 1,
     )
     return summarize(read_records(output))
@@ -132,7 +164,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "red_team": sum(record["kind"] == "red_team" for record in records),
         "helpful": sum(record["kind"] == "helpful" for record in records),
         "flagged": sum(bool(record["flags"]) for record in records),
-        "copied_fewshot": sum(any(flag.endswith(":" + COPIED_FEWSHOT) for flag in record["flags"]) for record in records),
+        "copied_fewshot": sum(
+            any(flag.endswith(":" + COPIED_FEWSHOT) for flag in record["flags"]) for record in records
+        ),
         "without_usable_final_response": sum(not record["final_response"] for record in records),
     }
 
@@ -141,7 +175,11 @@ class CritiqueWriter:
     """Carries a chunk of prompts through answer, critique and revision rounds."""
 
     def __init__(
-        self, config: CoreConfig, settings: Settings, inputs: Inputs, backend: Backend,
+        self,
+        config: CoreConfig,
+        settings: Settings,
+        inputs: Inputs,
+        backend: Backend,
         on_turns: Callable[[int], Any] | None = None,
     ):
         """
@@ -186,9 +224,7 @@ class CritiqueWriter:
             self._flag(record, "initial_response", answer)
         red_team = [(item, record) for (item, _), record in zip(chunk, records) if record["kind"] == "red_team"]
         principles = {
-            item.id: sample_principles(
-                self.constitution.critique_principles, self.rounds, self.seed, item.id
-            )
+            item.id: sample_principles(self.constitution.critique_principles, self.rounds, self.seed, item.id)
             for item, _ in red_team
         }
         for round_index in range(self.rounds):
@@ -214,7 +250,10 @@ class CritiqueWriter:
             return [("assistant", current[position]), ("critique_request", chosen[position].critique_request)]
 
         critiques = self._generate(
-            [self._render(item, conversation(i), "critique", self.critique_fewshot) for i, (item, _) in enumerate(red_team)],
+            [
+                self._render(item, conversation(i), "critique", self.critique_fewshot)
+                for i, (item, _) in enumerate(red_team)
+            ],
             [seed_for(self.seed, item.id, step, "critique") for item, _ in red_team],
         )
         revisions = self._generate(

@@ -64,11 +64,15 @@ class Settings:
         )
         require(
             0 <= self.clamp_low < 0.5 < self.clamp_high <= 1,
-            f"feedback.clamp_low/clamp_high: expected 0 <= low < 0.5 < high <= 1, got {self.clamp_low}, {self.clamp_high}",
+            "feedback.clamp_low/clamp_high: expected 0 <= low < 0.5 < high <= 1, "
+            f"got {self.clamp_low}, {self.clamp_high}",
         )
         require_positive("feedback.cot_max_new_tokens", self.cot_max_new_tokens)
         require_positive("feedback.chunk_size", self.chunk_size)
-        require(self.num_fewshot is None or self.num_fewshot >= 0, f"feedback.num_fewshot: expected 0 or more, got {self.num_fewshot}")
+        require(
+            self.num_fewshot is None or self.num_fewshot >= 0,
+            f"feedback.num_fewshot: expected 0 or more, got {self.num_fewshot}",
+        )
 
 
 def reads(config: CoreConfig, settings: Settings) -> list[str]:
@@ -82,7 +86,10 @@ def check(config: CoreConfig, settings: Settings) -> Constitution:
 
 
 def input_hashes(constitution: Constitution) -> dict[str, str]:
-    return {"constitution": constitution.source, "feedback_principles": ",".join(p.id for p in constitution.feedback_principles)}
+    return {
+        "constitution": constitution.source,
+        "feedback_principles": ",".join(p.id for p in constitution.feedback_principles),
+    }
 
 
 def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: Constitution) -> dict[str, Any]:
@@ -96,8 +103,14 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: C
 
     output = run_dir.path("ai_labels")
     append_in_chunks(
-        output, pairs, lambda pair: pair["id"], lambda: config.open_backend(config.models.feedback, run_dir.cache_path),
-        process, chunk_size=settings.chunk_size, desc="feedback", unit="pair",
+        output,
+        pairs,
+        lambda pair: pair["id"],
+        lambda: config.open_backend(config.models.feedback, run_dir.cache_path),
+        process,
+        chunk_size=settings.chunk_size,
+        desc="feedback",
+        unit="pair",
     )
     labels = read_records(output)
     return {
@@ -139,7 +152,10 @@ def label_comparisons(
     scoring_prompts = [question for _, _, _, question in readings]
     if settings.cot:
         reasonings = write_reasoning(backend, readings, comparisons, settings, seed)
-        scoring_prompts = [question + " " + reasoning + "\n\nHuman:\nSo the answer is:" for question, reasoning in zip(scoring_prompts, reasonings)]
+        scoring_prompts = [
+            question + " " + reasoning + "\n\nHuman:\nSo the answer is:"
+            for question, reasoning in zip(scoring_prompts, reasonings)
+        ]
     try:
         scores = backend.score_options(scoring_prompts, OPTIONS)
     except ValueError as error:
@@ -204,7 +220,10 @@ def finish_record(record: dict[str, Any], hard_labels: bool) -> None:
 
 
 def render_question(
-    constitution: Constitution, comparison: dict[str, Any], principle: FeedbackPrinciple, order: str,
+    constitution: Constitution,
+    comparison: dict[str, Any],
+    principle: FeedbackPrinciple,
+    order: str,
     settings: Settings,
 ) -> str:
     """The multiple-choice question for one comparison, principle and option order."""

@@ -36,7 +36,10 @@ class Settings:
     chunk_size: int = runtime(32)
 
     def validate(self) -> None:
-        require(self.temperature > 0, f"pairs.temperature: expected a positive number (two samples must differ), got {self.temperature}")
+        require(
+            self.temperature > 0,
+            f"pairs.temperature: expected a positive number (two samples must differ), got {self.temperature}",
+        )
         require(0 < self.top_p <= 1, f"pairs.top_p: expected a number in (0, 1], got {self.top_p}")
         require_positive("pairs.max_new_tokens", self.max_new_tokens)
         require_positive("pairs.chunk_size", self.chunk_size)
@@ -71,7 +74,9 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: ModelSp
     spec = inputs or sl_cai_spec(config, run_dir)
     prompts = [record for record in read_critiques(run_dir.path("critiques")) if record["kind"] == "red_team"]
     params = SamplingParams(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
         stop=STOP_STRINGS,
     )
 
@@ -82,8 +87,14 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: ModelSp
 
     output = run_dir.path("pairs")
     append_in_chunks(
-        output, prompts, lambda record: record["id"], lambda: config.open_backend(spec, run_dir.cache_path),
-        process, chunk_size=settings.chunk_size, desc="pairs", unit="prompt",
+        output,
+        prompts,
+        lambda record: record["id"],
+        lambda: config.open_backend(spec, run_dir.cache_path),
+        process,
+        chunk_size=settings.chunk_size,
+        desc="pairs",
+        unit="prompt",
     )
     written = read_records(output)
     return {"prompts": len(prompts), "pairs": len(written), "dropped_identical": len(prompts) - len(written)}
@@ -97,7 +108,9 @@ def sl_cai_spec(config: CoreConfig, run_dir: RunDir) -> ModelSpec:
     return ModelSpec(name=str(path.resolve()), backend=config.models.base.backend, prompt_format="plain")
 
 
-def sample_pairs(backend: Backend, records: list[dict[str, Any]], params: SamplingParams, seed: int) -> list[dict[str, Any]]:
+def sample_pairs(
+    backend: Backend, records: list[dict[str, Any]], params: SamplingParams, seed: int
+) -> list[dict[str, Any]]:
     """Two answers per record in one batched call; identical pairs are dropped.
 
     SL-CAI was fine-tuned on plain `Human:`/`Assistant:` transcripts, so it is prompted that way,

@@ -65,10 +65,13 @@ class LoraSettings:
         require_positive("sl.lora.r", self.r)
         require_positive("sl.lora.alpha", self.alpha)
         require(0 <= self.dropout < 1, f"sl.lora.dropout: expected a number in [0, 1), got {self.dropout}")
-        require(bool(self.modules()), "sl.lora.target_modules: expected 'all-linear' or a comma-separated list of module names")
+        require(
+            bool(self.modules()),
+            "sl.lora.target_modules: expected 'all-linear' or a comma-separated list of module names",
+        )
 
     def modules(self) -> str | list[str]:
-        """"all-linear" or the list of module names."""
+        """ "all-linear" or the list of module names."""
         names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
         return "all-linear" if names == ["all-linear"] else names
 
@@ -94,8 +97,15 @@ class Settings:
             self.helpful_fraction is None or 0 <= self.helpful_fraction < 1,
             f"sl.helpful_fraction: expected a number in [0, 1) or nothing, got {self.helpful_fraction}",
         )
-        for key in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length",
-                    "save_steps", "logging_steps"):
+        for key in (
+            "epochs",
+            "learning_rate",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "save_steps",
+            "logging_steps",
+        ):
             require_positive(f"sl.{key}", getattr(self, key))
         require(self.warmup_steps >= 0, f"sl.warmup_steps: expected 0 or more, got {self.warmup_steps}")
         _check_scheduler(self.lr_scheduler)
@@ -176,8 +186,12 @@ def load_examples(
     helpful = _subsample(helpful, len(red_team), settings.helpful_fraction, rng)
     examples = red_team + helpful
     rng.shuffle(examples)
-    counts = {"examples": len(examples), "red_team": len(red_team), "helpful": len(helpful),
-              "skipped_degenerate": len(records) - len(usable)}
+    counts = {
+        "examples": len(examples),
+        "red_team": len(red_team),
+        "helpful": len(helpful),
+        "skipped_degenerate": len(records) - len(usable),
+    }
     return examples, counts
 
 
@@ -228,8 +242,13 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, base_model: Mod
     examples, counts = load_examples(critiques, settings, config.seed, tokenizer.eos_token)
     if not examples:
         raise UserError(f"{critiques}: no usable records (every final_response is empty)")
-    log.info("sl: %d examples (%d red-team, %d helpful), %d degenerate records skipped",
-             counts["examples"], counts["red_team"], counts["helpful"], counts["skipped_degenerate"])
+    log.info(
+        "sl: %d examples (%d red-team, %d helpful), %d degenerate records skipped",
+        counts["examples"],
+        counts["red_team"],
+        counts["helpful"],
+        counts["skipped_degenerate"],
+    )
     checkpoints = run_dir.checkpoints(NAME)
     trainer, summary = train(config.training, settings, config.seed, base_model, tokenizer, examples, checkpoints)
     model = trainer.model.merge_and_unload() if settings.lora.enabled and settings.lora.merge else trainer.model
@@ -241,8 +260,14 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, base_model: Mod
 
 
 def train(
-    training: TrainingSettings, settings: Settings, seed: int, base_model: ModelRef, tokenizer: Any,
-    examples: list[Example], checkpoints: Path, callbacks: Sequence[Any] = (),
+    training: TrainingSettings,
+    settings: Settings,
+    seed: int,
+    base_model: ModelRef,
+    tokenizer: Any,
+    examples: list[Example],
+    checkpoints: Path,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, dict[str, Any]]:
     """Train the base model on `examples`, resuming from the last complete checkpoint.
 
@@ -288,8 +313,14 @@ def train(
 
 
 def build_trainer(
-    training: TrainingSettings, settings: Settings, seed: int, model: Any, tokenizer: Any, dataset: Any,
-    output_dir: Path, callbacks: Sequence[Any] = (),
+    training: TrainingSettings,
+    settings: Settings,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    output_dir: Path,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
     """An `SFTTrainer` for prompt/completion data with the stage's settings.
 
@@ -337,8 +368,12 @@ def build_trainer(
         **trainer_arguments(training),  # device, precision (SFTConfig would default to bf16), trackers
     )
     return SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora_config(settings.lora), callbacks=list(callbacks),
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(settings.lora),
+        callbacks=list(callbacks),
     )
 
 
@@ -348,5 +383,6 @@ def lora_config(lora: LoraSettings) -> Any:
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.modules(),
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.modules(), task_type="CAUSAL_LM"
+    )
