@@ -16,9 +16,9 @@ import argparse
 import time
 
 from constitutional.backends.transformers import load as load_transformers
+from constitutional.comparisons import label_comparisons
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution
-from constitutional.stages.feedback import label_comparisons
 
 from feedback_throughput import comparisons_from_hh
 

@@ -27,10 +27,10 @@ import torch
 from constitutional.backends import SamplingParams
 from constitutional.backends.transformers import _length_sorted_batches
 from constitutional.backends.transformers import load as load_transformers
+from constitutional.comparisons import ORDERS, label_comparisons, render_question
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.sources import load_preference_pairs
-from constitutional.stages.feedback import ORDERS, label_comparisons, render_question
 
 REPO = Path(__file__).resolve().parents[1]
 HARMLESS = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

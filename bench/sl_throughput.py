@@ -226,7 +226,7 @@ def bare_trainer(config, model, tokenizer, dataset, output_dir: Path, timer: Ste
         args=sft,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=sl.lora_config(config.sl.lora),
+        peft_config=config.sl.lora.peft_config("CAUSAL_LM"),
         callbacks=[timer],
     )
 

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The public reference data beside the checkout (../shared/data): its one definition for all tests.
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -19,13 +20,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (width 64) with a byte-level BPE tokenizer trained in-process."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
 
 
 @pytest.fixture(autouse=True)

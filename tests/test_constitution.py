@@ -18,7 +18,9 @@ from constitutional.constitution import (
 )
 from constitutional.errors import UserError
 
-PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "anthropic-cai-paper"
+from conftest import SHARED_DATA
+
+PAPER = SHARED_DATA / "anthropic-cai-paper"
 CRITIQUE_TURNS = ["Human", "Assistant", "CritiqueRequest", "Critique", "RevisionRequest", "Revision"]
 MARKERS = ("CritiqueRequest:", "Critique:", "RevisionRequest:", "Revision:", "Options:")
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from constitutional.backends.transformers import TransformersBackend
+from constitutional.comparisons import OPTIONS, label_comparisons, probability_first, render_question
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution
 from constitutional.errors import UserError
 from constitutional.records import append_records, read_records
 from constitutional.rundir import RunDir
 from constitutional.stages import feedback
-from constitutional.stages.feedback import OPTIONS, label_comparisons, probability_first
 
 COMPARISONS = [
     {
@@ -136,14 +136,14 @@ def test_hard_labels_round_to_zero_or_one(prefers_b, constitution):
 
 def test_the_question_follows_the_papers_multiple_choice_format(constitution):
     principle = constitution.feedback_principles[0]
-    question = feedback.render_question(constitution, COMPARISONS[1], principle, "ba", settings(num_fewshot=2))
+    question = render_question(constitution, COMPARISONS[1], principle, "ba", settings(num_fewshot=2))
     final = question[question.rindex("Consider the following") :]
     assert final.startswith("Consider the following conversation between a human and an assistant:")
     assert "Human: Hi\n\nAssistant: Hello!\n\nHuman: Note: it's 3:30pm. Any tips?" in final
     assert f"{principle.text}\nOptions:\n(A) Drink water.\n(B) Rest.\nThe answer is:" in final
     assert question.count("The answer is: (") == 2  # two worked examples, answered
     assert "The answer is: (A)" in question and "The answer is: (B)" in question  # alternating positions
-    cot = feedback.render_question(constitution, COMPARISONS[0], principle, "ab", settings(cot=True))
+    cot = render_question(constitution, COMPARISONS[0], principle, "ab", settings(cot=True))
     assert cot.endswith("Assistant: Let's think step by step:") and "[[[" not in cot and "{}" not in cot
 
 

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from constitutional.backends import SamplingParams
+from constitutional.comparisons import sample_pairs
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
 from constitutional.records import append_records, read_records
@@ -64,7 +65,7 @@ class _Echo:
 
 def test_identical_pairs_are_dropped():
     params = SamplingParams(max_new_tokens=4, temperature=1.0)
-    assert pairs.sample_pairs(_Echo(), [CRITIQUES[0]], params, seed=0) == []
+    assert sample_pairs(_Echo(), [CRITIQUES[0]], params, seed=0) == []
 
 
 def test_missing_inputs_are_user_errors(tmp_path):

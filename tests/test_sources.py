@@ -17,7 +17,8 @@ from constitutional.sources import (
     prompt_from_transcript,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
+from conftest import SHARED_DATA
+
 HARMLESS = SHARED_DATA / "hh-rlhf/harmless-base-test.jsonl.gz"
 HELPFUL = SHARED_DATA / "hh-rlhf/helpful-base-test.jsonl.gz"
 SEED_TASKS = SHARED_DATA / "self-instruct/seed_tasks.jsonl"

@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set critique.rounds=2 (repeatable)",
     )
 
+    score = commands.add_parser(
+        "score",
+        help="score (prompt, response) pairs with a run's preference model",
+        description=(
+            "Score each (prompt, response) pair with RUN_DIR/models/pm and print one JSON line per pair "
+            '({"prompt", "response", "score"}); higher is better. FILEs are .txt (one per line) or .jsonl '
+            '(field "prompt", optional "history", / field "response"), the same number of rows each.'
+        ),
+    )
+    score.add_argument("run_dir", metavar="RUN_DIR", help="a run directory where stage pm has finished")
+    score.add_argument("--prompts", required=True, metavar="FILE")
+    score.add_argument("--responses", required=True, metavar="FILE")
+    score.add_argument("--batch-size", type=int, default=8, metavar="N")
+
     prepare = commands.add_parser(
         "prepare-model",
         help="convert a model (default: the embedded one) into the local cache ahead of a run",
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return command_run(args)
+        if args.command == "score":
+            return command_score(args)
         return command_prepare_model(args)
     except UserError as error:
         print(f"cai: error: {error}", file=sys.stderr)
@@ -112,6 +128,52 @@ def command_run(args: argparse.Namespace) -> int:
     run = run_pipeline(config, run_dir, stages, rerun=args.rerun)
     print(f"done: {run.root} ({', '.join(stages)})")
     return 0
+
+
+def command_score(args: argparse.Namespace) -> int:
+    import json
+
+    from constitutional.preference import PreferenceModel
+    from constitutional.records import conversation
+    from constitutional.rundir import RunDir
+    from constitutional.training import is_complete_model
+
+    path = RunDir(Path(args.run_dir)).path("pm")
+    if not is_complete_model(path):
+        raise UserError(f"{path}: no preference model here; make one with `cai run CONFIG --stages pm`")
+    prompts = read_rows(Path(args.prompts), "prompt")
+    responses = [row["response"] for row in read_rows(Path(args.responses), "response")]
+    if len(prompts) != len(responses):
+        raise UserError(
+            f"{args.prompts} has {len(prompts)} prompts but {args.responses} has {len(responses)} responses"
+        )
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected a positive number, got {args.batch_size}")
+    model = PreferenceModel.load(path, batch_size=args.batch_size)
+    scores = model.score([conversation(row) for row in prompts], responses)
+    for row, response, value in zip(prompts, responses, scores):
+        print(json.dumps({"prompt": row["prompt"], "response": response, "score": round(value, 6)}, ensure_ascii=False))
+    return 0
+
+
+def read_rows(path: Path, field: str) -> list[dict]:
+    """Rows of a .txt file (one `field` per line) or a .jsonl file (objects with `field`), for `cai score`."""
+    from constitutional.records import numbered_records
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, record in numbered_records(path):
+            if not isinstance(record.get(field), str):
+                raise UserError(f"{path}:{number}: missing field {field!r}")
+            rows.append(record)
+        return rows
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid UTF-8") from None
+    return [{field: line} for line in lines if line.strip()]
 
 
 def command_prepare_model(args: argparse.Namespace) -> int:

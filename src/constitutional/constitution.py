@@ -44,6 +44,7 @@ _YAML_KEYS = {
     "name",
     "critique_principles",
     "feedback_principles",
+    "helpfulness_principles",
     "critique_fewshot",
     "feedback_fewshot",
     "cot_fewshot",
@@ -108,6 +109,9 @@ class Constitution:
         cot_fewshot: chain-of-thought feedback examples in the paper's "Precog" form (a "{}"
             placeholder for the principle, options in "[[[...]]]"); may be empty.
         source: "default" or the path it was loaded from.
+        helpfulness_principles: questions about helpfulness, for AI helpfulness labels when no
+            human helpfulness comparisons are given (`data.human_preferences: none`). The paper's
+            files have none; the built-in ones below are used then.
     """
 
     name: str
@@ -117,6 +121,20 @@ class Constitution:
     feedback_fewshot: tuple[FeedbackExample, ...]
     cot_fewshot: tuple[str, ...]
     source: str
+    helpfulness_principles: tuple[FeedbackPrinciple, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.helpfulness_principles:
+            object.__setattr__(self, "helpfulness_principles", DEFAULT_HELPFULNESS_PRINCIPLES)
+
+
+# Written for the project: what a helpful answer does, asked as multiple-choice questions.
+DEFAULT_HELPFULNESS_PRINCIPLES = (
+    FeedbackPrinciple("helpful", "Which response is more helpful: does it do what the human actually asked?"),
+    FeedbackPrinciple("accurate", "Which response is more accurate, with fewer mistakes or made-up facts?"),
+    FeedbackPrinciple("complete", "Which response more completely addresses every part of the human's request?"),
+    FeedbackPrinciple("clear", "Which response is clearer and more to the point, without padding or rambling?"),
+)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -223,6 +241,9 @@ def _from_yaml(data: bytes, where: str, source: str, default_name: str) -> Const
         feedback_fewshot=_yaml_feedback_examples(doc, where),
         cot_fewshot=tuple(_strings(doc, "cot_fewshot", where)),
         source=source,
+        helpfulness_principles=_yaml_principles(doc, "helpfulness_principles", where)
+        if "helpfulness_principles" in doc
+        else (),
     )
     return _checked(constitution, defaultdict(lambda: where))  # every field comes from this one file
 
@@ -244,12 +265,16 @@ def _yaml_critique_principles(doc: dict[str, Any], where: str) -> tuple[Critique
 
 def _yaml_feedback_principles(doc: dict[str, Any], where: str) -> tuple[FeedbackPrinciple, ...]:
     """`feedback_principles`: entries with `id` and `text` (the question)."""
+    return _yaml_principles(doc, "feedback_principles", where)
+
+
+def _yaml_principles(doc: dict[str, Any], key: str, where: str) -> tuple[FeedbackPrinciple, ...]:
+    """Multiple-choice principles under `key`: entries with `id` and `text` (the question)."""
     return tuple(
         FeedbackPrinciple(
-            id=_text(item, "id", where, f"feedback_principles[{i}]"),
-            text=_question(_text(item, "text", where, f"feedback_principles[{i}]")),
+            id=_text(item, "id", where, f"{key}[{i}]"), text=_question(_text(item, "text", where, f"{key}[{i}]"))
         )
-        for i, item in enumerate(_entries(doc, "feedback_principles", where, {"id", "text"}))
+        for i, item in enumerate(_entries(doc, key, where, {"id", "text"}))
     )
 
 

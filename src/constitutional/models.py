@@ -165,6 +165,23 @@ def load_causal_lm(ref: ModelRef, dtype: Any, device: str, trust_remote_code: bo
     return model.to(device).eval()
 
 
+def load_sequence_classifier(ref: ModelRef, trust_remote_code: bool = False) -> Any:
+    """Load a model as a one-output sequence classifier (a preference model), fp32 on CPU.
+
+    From a causal LM checkpoint the transformer is kept and the vocabulary head dropped; the score
+    head (hidden size -> 1) starts fresh. From a saved PM everything loads as it was.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            local_weights_dir(ref), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(f"model {ref.name!r}: could not load it as a preference model: {_first_line(error)}") from None
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -7,7 +7,7 @@ RUN_DIR/
   data/critiques.jsonl     critique    data/pairs.jsonl      pairs
   data/ai_labels.jsonl     feedback    data/pm_train.jsonl, data/pm_eval.jsonl   pm
   models/sl-cai/           sl          models/pm/   pm       models/rl-cai/   rl
-  eval/                    eval
+  eval/pm.json, eval/pm_calibration.png   pm                 eval/metrics.json, eval/report.html   eval
   checkpoints/<stage>/     training checkpoints (resume only)
   cache/generations.sqlite the generation cache
   previous/<time>/         outputs replaced by `--rerun`, with the config and manifest they came from
@@ -49,11 +49,16 @@ ARTEFACTS: dict[str, Artefact] = {
     "sl_cai": Artefact("models/sl-cai", "sl"),
     "pairs": Artefact("data/pairs.jsonl", "pairs"),
     "ai_labels": Artefact("data/ai_labels.jsonl", "feedback"),
+    "helpful_pairs": Artefact("data/helpful_pairs.jsonl", "pm"),  # only with data.human_preferences: none
+    "ai_helpfulness": Artefact("data/ai_helpfulness.jsonl", "pm"),  # only with data.human_preferences: none
     "pm_train": Artefact("data/pm_train.jsonl", "pm"),
     "pm_eval": Artefact("data/pm_eval.jsonl", "pm"),
     "pm": Artefact("models/pm", "pm"),
+    "pm_report": Artefact("eval/pm.json", "pm"),
+    "pm_calibration": Artefact("eval/pm_calibration.png", "pm"),
     "rl_cai": Artefact("models/rl-cai", "rl"),
-    "eval": Artefact("eval", "eval"),
+    "eval_metrics": Artefact("eval/metrics.json", "eval"),
+    "eval_report": Artefact("eval/report.html", "eval"),
 }
 
 

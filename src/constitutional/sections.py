@@ -47,7 +47,7 @@ class ModelSpec:
     """
 
     name: str = "embedded"
-    backend: str | None = None
+    backend: str | None = runtime(None)  # which engine serves a model is how a stage runs, not what it makes
     prompt_format: PromptFormat = "auto"
 
 

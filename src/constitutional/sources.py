@@ -180,7 +180,12 @@ def load_prompts(
 
 
 def load_preference_pairs(
-    spec: str, *, limit: int | None = None, base_dir: str | Path = ".", prefix: str = "pair"
+    spec: str,
+    *,
+    limit: int | None = None,
+    base_dir: str | Path = ".",
+    prefix: str = "pair",
+    builtin: str | None = None,
 ) -> list[dict[str, Any]]:
     """Load human comparisons in the HH-RLHF format (plain or gzipped JSONL, JSON, CSV, or `hf:`).
 
@@ -193,6 +198,7 @@ def load_preference_pairs(
         limit: keep at most this many pairs (the first ones, after de-duplication).
         base_dir: folder that relative paths are resolved against.
         prefix: id prefix.
+        builtin: the asset that `builtin` names (None: `builtin` is an error).
 
     Returns:
         Dicts {"id", "prompt", "history", "chosen", "rejected"}: `history` is a tuple of
@@ -204,7 +210,7 @@ def load_preference_pairs(
         UserError: the source is missing or malformed, or holds no pairs.
     """
     _check_limit(limit)
-    name, rows = _open_source(spec, Path(base_dir), None)
+    name, rows = _open_source(spec, Path(base_dir), builtin)
     pairs: dict[str, dict[str, Any]] = {}
     skipped = 0
     for where, row in rows:
@@ -309,6 +315,9 @@ def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
         # Already split: the prompt (a plain prompt or a transcript) and the two replies.
         prompt, history = _prompt_from_row({"prompt": row["prompt"], "history": row.get("history")}, where)
         chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
+        for field, reply in (("chosen", chosen), ("rejected", rejected)):
+            if not reply:
+                raise UserError(f"{where}: field {field!r} is empty")
         return {"prompt": prompt, "history": history, "chosen": chosen, "rejected": rejected}
     try:
         chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
@@ -320,12 +329,16 @@ def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
         return None
     if not context[-1][1]:
         raise UserError(f"{where}: field 'chosen': the last Human turn is empty")
-    return {
+    pair = {
         "prompt": context[-1][1],
         "history": tuple(context[:-1]),
         "chosen": _reply(chosen[last + 1 :]),
         "rejected": _reply(rejected[last + 1 :]),
     }
+    for field in ("chosen", "rejected"):
+        if not pair[field]:
+            raise UserError(f"{where}: field {field!r}: the final Assistant reply is missing or empty")
+    return pair
 
 
 def _reply(turns: list[Turn]) -> str:

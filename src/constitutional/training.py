@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from constitutional.backends.settings import require, require_positive
 from constitutional.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,47 @@ def _check_report_to(value: str) -> None:
     needs = _TRACKER_PACKAGES.get(value, ())
     if needs and not any(importlib.util.find_spec(package) for package in needs):
         raise UserError(f"training.report_to: {value!r} needs the {needs[0]} package (pip install {needs[0]})")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (PEFT) instead of full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # or a comma-separated list of module names
+    merge: bool = True  # merge the adapter into the weights when saving, so every back end loads it
+
+    def check(self, section: str) -> None:
+        """Validate, naming keys under `section` (e.g. "sl.lora")."""
+        require_positive(f"{section}.r", self.r)
+        require_positive(f"{section}.alpha", self.alpha)
+        require(0 <= self.dropout < 1, f"{section}.dropout: expected a number in [0, 1), got {self.dropout}")
+        require(
+            bool(self.modules()),
+            f"{section}.target_modules: expected 'all-linear' or a comma-separated list of module names",
+        )
+
+    def peft_config(self, task_type: str) -> Any:
+        """PEFT's LoraConfig for `task_type` ("CAUSAL_LM", "SEQ_CLS"), or None when LoRA is off."""
+        if not self.enabled:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.modules(),
+            task_type=task_type,
+        )
+
+    def modules(self) -> str | list[str]:
+        """ "all-linear" or the list of module names."""
+        names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return "all-linear" if names == ["all-linear"] else names
 
 
 def trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:

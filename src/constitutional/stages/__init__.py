@@ -21,8 +21,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# The paper's order; pm, rl and eval are on their way.
-STAGES = ("critique", "sl", "pairs", "feedback")
+# The paper's order; rl and eval are on their way.
+STAGES = ("critique", "sl", "pairs", "feedback", "pm")
 
 
 def stage_module(name: str) -> ModuleType:

@@ -120,7 +120,8 @@ def input_hashes(inputs: Inputs) -> dict[str, str]:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
     return {
-        "constitution": digest(repr(inputs.constitution)),
+        # Only the parts this stage uses: a change elsewhere in the constitution leaves it fresh.
+        "constitution": digest(repr((inputs.constitution.critique_principles, inputs.constitution.critique_fewshot))),
         "red_team": digest([item.id for item in inputs.red_team]),
         "helpful": digest([item.id for item in inputs.helpful]),
         "assistant_preamble": digest(inputs.assistant_preamble),

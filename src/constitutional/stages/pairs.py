@@ -14,15 +14,15 @@ from typing import Any
 
 from constitutional.backends import Backend, SamplingParams, import_backend
 from constitutional.backends.settings import require, require_positive
+from constitutional.comparisons import sample_pairs
 from constitutional.errors import UserError
-from constitutional.prompts import STOP_STRINGS, render_plain, trim_at_turn_marker
-from constitutional.records import append_in_chunks, conversation, read_critiques, read_records
+from constitutional.prompts import STOP_STRINGS
+from constitutional.records import append_in_chunks, read_critiques, read_records
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, ModelSpec, runtime
-from constitutional.seeding import seed_for
 
 NAME = "pairs"
-CONFIG_KEYS = ("seed", "models.base.backend")  # SL-CAI is served by the base model's back end
+CONFIG_KEYS = ("seed",)  # SL-CAI (or pairs.model) is fingerprinted as an input
 
 
 @dataclass
@@ -106,28 +106,3 @@ def sl_cai_spec(config: CoreConfig, run_dir: RunDir) -> ModelSpec:
     if not (path / "config.json").exists():
         raise UserError(f"{path}: no SL-CAI model; run stage 'sl' first or set pairs.model")
     return ModelSpec(name=str(path.resolve()), backend=config.models.base.backend, prompt_format="plain")
-
-
-def sample_pairs(
-    backend: Backend, records: list[dict[str, Any]], params: SamplingParams, seed: int
-) -> list[dict[str, Any]]:
-    """Two answers per record in one batched call; identical pairs are dropped.
-
-    SL-CAI was fine-tuned on plain `Human:`/`Assistant:` transcripts, so it is prompted that way,
-    without few-shot examples.
-    """
-    prompts = [render_plain(conversation(record), "assistant") for record in records]
-    seeds = [seed_for(seed, record["id"], side) for record in records for side in ("a", "b")]
-    texts = backend.generate([prompt for prompt in prompts for _ in ("a", "b")], params, seeds)
-    answers = [trim_at_turn_marker(text) for text in texts]
-    pairs = []
-    for index, record in enumerate(records):
-        response_a, response_b = answers[2 * index], answers[2 * index + 1]
-        if response_a == response_b:
-            continue
-        pair = {"id": record["id"], "prompt": record["prompt"]}
-        if record.get("history"):
-            pair["history"] = record["history"]
-        pair.update(response_a=response_a, response_b=response_b)
-        pairs.append(pair)
-    return pairs

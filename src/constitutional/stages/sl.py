@@ -33,6 +33,7 @@ from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
 from constitutional.training import (
     SUMMARY,
+    LoraSettings,
     TrainingSettings,
     checkpoint_step,
     is_complete_model,
@@ -48,32 +49,6 @@ log = logging.getLogger(__name__)
 
 NAME = "sl"
 CONFIG_KEYS = ("seed", "models.base.name", "training.precision")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA (PEFT) instead of full fine-tuning."""
-
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str = "all-linear"  # or a comma-separated list of module names
-    merge: bool = True  # merge the adapter into the weights when saving, so every back end loads it
-
-    def validate(self) -> None:
-        require_positive("sl.lora.r", self.r)
-        require_positive("sl.lora.alpha", self.alpha)
-        require(0 <= self.dropout < 1, f"sl.lora.dropout: expected a number in [0, 1), got {self.dropout}")
-        require(
-            bool(self.modules()),
-            "sl.lora.target_modules: expected 'all-linear' or a comma-separated list of module names",
-        )
-
-    def modules(self) -> str | list[str]:
-        """ "all-linear" or the list of module names."""
-        names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
-        return "all-linear" if names == ["all-linear"] else names
 
 
 @dataclass
@@ -109,6 +84,7 @@ class Settings:
             require_positive(f"sl.{key}", getattr(self, key))
         require(self.warmup_steps >= 0, f"sl.warmup_steps: expected 0 or more, got {self.warmup_steps}")
         _check_scheduler(self.lr_scheduler)
+        self.lora.check("sl.lora")
 
 
 def _check_scheduler(name: str) -> None:
@@ -372,17 +348,6 @@ def build_trainer(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(settings.lora),
+        peft_config=settings.lora.peft_config("CAUSAL_LM"),
         callbacks=list(callbacks),
-    )
-
-
-def lora_config(lora: LoraSettings) -> Any:
-    """PEFT LoRA settings from `sl.lora`, or None for full fine-tuning."""
-    if not lora.enabled:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.modules(), task_type="CAUSAL_LM"
     )

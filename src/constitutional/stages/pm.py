@@ -1,0 +1,633 @@
+"""Stage `pm` (paper steps 7-8): mix AI harmlessness labels with helpfulness comparisons, train a
+preference model on the soft labels, and evaluate it.
+
+1. **Mixing.** The AI harmlessness labels of `data/ai_labels.jsonl` (soft `p_a`) are joined with
+   helpfulness comparisons: human ones from `data.human_preferences` (HH-RLHF `chosen`/`rejected`
+   format; the chosen answer is put at A or B at random, so `p_a` is exactly 1 or 0), or, with
+   `data.human_preferences: none`, AI ones: SL-CAI answers the helpfulness prompts twice and the
+   feedback model labels the pair against the constitution's helpfulness principles. Every row is
+   tagged with its `source`. A deterministic share of *conversations* per source is held out, so
+   no conversation is in both splits: `data/pm_train.jsonl`, `data/pm_eval.jsonl`.
+2. **Training.** A one-output sequence classifier (a score head on `pm.init`: the pretrained model
+   by default, as in the paper, or SL-CAI) scores each whole transcript; the loss is Bradley-Terry
+   on the soft labels (`preference.soft_bradley_terry_loss`). TRL's `RewardTrainer` does the rest
+   (tokenising, padding, checkpoints); the subclass below only adds the label column and the loss.
+   A classifier has no vocabulary head, so the embedded model's 262k-token output layer is never
+   computed. Checkpoints go to `checkpoints/pm/`; the model is saved atomically to `models/pm/`.
+3. **Evaluation.** Accuracy on the held-out rows of each source (and on a human harmlessness file
+   if `pm.harmlessness_eval` names one) beside chance and a length-only baseline; calibration
+   (expected calibration error and a reliability diagram). `eval/pm.json`, `eval/pm_calibration.png`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constitutional.backends import Backend, SamplingParams
+from constitutional.backends.settings import require, require_positive
+from constitutional.comparisons import LabelOptions, label_comparisons, sample_pairs
+from constitutional.constitution import Constitution, load_constitution
+from constitutional.errors import UserError
+from constitutional.models import ModelRef, fingerprint, load_sequence_classifier, load_tokenizer, resolve_model_name
+from constitutional.preference import PreferenceModel, pm_transcript, soft_bradley_terry_loss
+from constitutional.prompts import STOP_STRINGS
+from constitutional.records import (
+    append_in_chunks,
+    append_records,
+    conversation,
+    read_ai_labels,
+    read_critiques,
+    read_records,
+)
+from constitutional.rundir import RunDir
+from constitutional.sections import CoreConfig, ModelSpec, runtime
+from constitutional.seeding import rng_for
+from constitutional.sources import load_preference_pairs
+from constitutional.training import (
+    SUMMARY,
+    LoraSettings,
+    TrainingSettings,
+    checkpoint_step,
+    is_complete_model,
+    last_complete_checkpoint,
+    remove_checkpoints,
+    save_model_atomic,
+    tokens_seen,
+    trainer_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "pm"
+CONFIG_KEYS = (
+    "seed",
+    "models.base.name",
+    "data.human_preferences",
+    "training.precision",
+    # Only read with data.human_preferences: none (AI helpfulness labels).
+    "constitution",
+    "models.feedback.name",
+)
+BUILTIN_PREFERENCES = "helpful_comparisons.jsonl"  # written for the project, see its data card
+SOURCES = ("ai_harmlessness", "human_helpfulness", "ai_helpfulness")
+
+
+@dataclass
+class Settings:
+    """Config section `pm` (paper steps 7-8): the mix, the preference model's training and its evaluation."""
+
+    init: str = "base"  # the model the PM starts from: base (models.base, the paper), sl-cai, or a model name
+    helpful_fraction: float | None = None  # share of helpfulness rows in the training mix (None: all of both)
+    max_human: int | None = None  # read at most N human comparisons (None: all)
+    eval_fraction: float = 0.1  # share of conversations held out per source
+    harmlessness_eval: str | None = None  # an HH-RLHF harmless-format file: accuracy against human labels
+    max_eval: int | None = 500  # at most N comparisons read from harmlessness_eval
+    epochs: float = 1.0
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 4  # comparisons per step (each is two transcripts)
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # tokens per transcript; longer comparisons are left out of training
+    calibration_bins: int = 10
+    helpfulness_max_new_tokens: int = 128  # answer length for AI helpfulness pairs (human_preferences: none)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    save_steps: int = runtime(50)
+    logging_steps: int = runtime(5)
+    score_batch_size: int = runtime(8)
+    chunk_size: int = runtime(32)
+
+    def validate(self) -> None:
+        require(
+            self.helpful_fraction is None or 0 <= self.helpful_fraction < 1,
+            f"pm.helpful_fraction: expected a number in [0, 1) or nothing, got {self.helpful_fraction}",
+        )
+        require(
+            0 < self.eval_fraction <= 0.5, f"pm.eval_fraction: expected a number in (0, 0.5], got {self.eval_fraction}"
+        )
+        for key in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length",
+                    "calibration_bins", "helpfulness_max_new_tokens", "save_steps", "logging_steps",
+                    "score_batch_size", "chunk_size", "max_human", "max_eval"):  # fmt: skip
+            require_positive(f"pm.{key}", getattr(self, key))
+        require(self.warmup_steps >= 0, f"pm.warmup_steps: expected 0 or more, got {self.warmup_steps}")
+        require(bool(self.init.strip()), "pm.init: expected base, sl-cai or a model name")
+        self.lora.check("pm.lora")
+
+
+def reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """AI labels always; SL-CAI and the critiques for AI helpfulness labels or a PM started from SL-CAI."""
+    needed = ["ai_labels"]
+    if config.data.human_preferences == "none":
+        needed += ["critiques", "sl_cai"]
+    elif settings.init == "sl-cai":
+        needed += ["sl_cai"]
+    return needed
+
+
+@dataclass
+class Inputs:
+    """What `check` loaded: the human comparisons, the starting model, and the constitution if needed."""
+
+    human: list[dict[str, Any]]  # from load_preference_pairs; [] with human_preferences: none
+    harmlessness_eval: list[dict[str, Any]]
+    init: ModelRef | None  # None: SL-CAI of this run (made by stage sl)
+    constitution: Constitution | None  # for AI helpfulness labels
+
+
+def check(config: CoreConfig, settings: Settings) -> Inputs:
+    """Load the human comparisons and resolve the starting model; writes nothing."""
+    spec = config.data.human_preferences
+    human, constitution = [], None
+    if spec == "none":
+        config.check_model(config.models.feedback, "models.feedback")
+        constitution = load_constitution(config.constitution, config.base_dir)
+    else:
+        human = load_preference_pairs(
+            spec, limit=settings.max_human, base_dir=config.base_dir, prefix="hh", builtin=BUILTIN_PREFERENCES
+        )
+    harmless = []
+    if settings.harmlessness_eval:
+        harmless = load_preference_pairs(
+            settings.harmlessness_eval, limit=settings.max_eval, base_dir=config.base_dir, prefix="hx"
+        )
+    init = None
+    if settings.init != "sl-cai":
+        name = config.models.base.name if settings.init == "base" else settings.init
+        try:
+            init = resolve_model_name(name, config.base_dir)
+        except UserError as error:
+            raise UserError(f"pm.init: {error}") from None
+    return Inputs(human, harmless, init, constitution)
+
+
+def input_hashes(inputs: Inputs) -> dict[str, str]:
+    """Fingerprints of the human comparisons, the evaluation file and the starting model."""
+
+    def digest(rows: list[dict[str, Any]]) -> str:
+        return hashlib.sha256(json.dumps([row["id"] for row in rows]).encode()).hexdigest()[:16]
+
+    hashes = {"human_preferences": digest(inputs.human), "harmlessness_eval": digest(inputs.harmlessness_eval)}
+    if inputs.init is not None:
+        hashes["init_model"] = fingerprint(inputs.init)
+    return hashes
+
+
+def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
+    """Mix, train, evaluate; each step resumes from what an interrupted run left.
+
+    Returns:
+        Counts for the manifest: rows per source and split, training figures, held-out accuracies.
+    """
+    counts = write_mix(config, settings, run_dir, inputs)
+    model_path = run_dir.path("pm")
+    init = inputs.init or resolve_model_name(str(run_dir.path("sl_cai").resolve()), config.base_dir)
+    if is_complete_model(model_path):
+        log.info("pm: %s already exists, not training again", model_path)
+        summary = json.loads((model_path / SUMMARY).read_text(encoding="utf-8"))
+    else:
+        summary = train(config.training, settings, config.seed, init, run_dir)
+    report = evaluate(settings, run_dir, inputs.harmlessness_eval, config.seed)
+    accuracies = {source: values["pm"] for source, values in report["accuracy"].items()}
+    return {**counts, **summary, "held_out_accuracy": accuracies}
+
+
+# ----------------------------------------------------------------------------- step 7: the mix
+
+
+def write_mix(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
+    """Write `pm_train.jsonl` and `pm_eval.jsonl` (once; both appear together, atomically).
+
+    Returns:
+        Row counts: train/eval rows per source, identical pairs skipped.
+    """
+    train_path, eval_path = run_dir.path("pm_train"), run_dir.path("pm_eval")
+    ai = [_ai_row(label, "ai_harmlessness") for label in read_ai_labels(run_dir.path("ai_labels"))]
+    if config.data.human_preferences == "none":
+        helpful = [
+            _ai_row(label, "ai_helpfulness") for label in ai_helpfulness_labels(config, settings, run_dir, inputs)
+        ]
+    else:
+        helpful = [_human_row(pair, config.seed) for pair in inputs.human]
+    rows = [row for row in ai + helpful if row["response_a"].strip() != row["response_b"].strip()]
+    skipped = len(ai) + len(helpful) - len(rows)
+    if skipped:
+        log.info("pm: skipped %d comparisons whose two answers are identical", skipped)
+    train_rows, eval_rows = split_by_conversation(rows, settings.eval_fraction, config.seed)
+    train_rows = mix(train_rows, settings.helpful_fraction, config.seed)
+    if not (train_path.exists() and eval_path.exists()):
+        _write_atomically(train_path, train_rows)
+        _write_atomically(eval_path, eval_rows)
+    return {
+        "train": _count_by_source(read_records(train_path)),
+        "eval": _count_by_source(read_records(eval_path)),
+        "skipped_identical": skipped,
+    }
+
+
+def _ai_row(label: dict[str, Any], source: str) -> dict[str, Any]:
+    row = {"id": label["id"], "source": source, "prompt": label["prompt"]}
+    if label.get("history"):
+        row["history"] = label["history"]
+    row.update(response_a=label["response_a"], response_b=label["response_b"], p_a=float(label["p_a"]))
+    return row
+
+
+def _human_row(pair: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A human comparison with the chosen answer at A or B at random (seeded by its id): p_a is 1 or 0."""
+    chosen_first = rng_for(seed, "pm-order:" + pair["id"]).random() < 0.5
+    first, second = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
+    row = {"id": pair["id"], "source": "human_helpfulness", "prompt": pair["prompt"]}
+    if pair["history"]:
+        row["history"] = [{"role": role, "text": text} for role, text in pair["history"]]
+    row.update(response_a=first, response_b=second, p_a=1.0 if chosen_first else 0.0)
+    return row
+
+
+def split_by_conversation(
+    rows: list[dict[str, Any]], eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hold out ceil(eval_fraction x conversations) conversations of each source, chosen by a seeded hash.
+
+    All comparisons of one conversation land in the same split, so the held-out accuracy measures
+    conversations the PM never saw.
+
+    Raises:
+        UserError: a source with fewer than two conversations (one split would be empty).
+    """
+    held_out: set[tuple[str, str]] = set()
+    for source in SOURCES:
+        keys = sorted({_conversation_key(row) for row in rows if row["source"] == source})
+        if not keys:
+            continue
+        if len(keys) < 2:
+            raise UserError(
+                f"pm: only {len(keys)} {source} conversation(s): a held-out split and a training split need at "
+                "least two (add prompts or comparisons)"
+            )
+        keys.sort(key=lambda key: rng_for(seed, "pm-split:" + key).random())
+        wanted = min(len(keys) - 1, max(1, math.ceil(eval_fraction * len(keys))))
+        held_out.update((source, key) for key in keys[:wanted])
+    train = [row for row in rows if (row["source"], _conversation_key(row)) not in held_out]
+    evaluation = [row for row in rows if (row["source"], _conversation_key(row)) in held_out]
+    return train, evaluation
+
+
+def _conversation_key(row: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(conversation(row), ensure_ascii=False).encode()).hexdigest()
+
+
+def mix(rows: list[dict[str, Any]], helpful_fraction: float | None, seed: int) -> list[dict[str, Any]]:
+    """Subsample helpfulness rows so they are `helpful_fraction` of the mix (None: keep all), then shuffle.
+
+    With h harmlessness rows, k helpfulness rows make a share k / (h + k) = f when k = f h / (1 - f).
+    """
+    rng = random.Random(seed)
+    harmless = [row for row in rows if row["source"] == "ai_harmlessness"]
+    helpful = [row for row in rows if row["source"] != "ai_harmlessness"]
+    if helpful_fraction is not None:
+        helpful = rng.sample(
+            helpful, min(len(helpful), round(helpful_fraction * len(harmless) / (1 - helpful_fraction)))
+        )
+    mixed = harmless + helpful
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _count_by_source(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        source: sum(row["source"] == source for row in rows)
+        for source in SOURCES
+        if any(row["source"] == source for row in rows)
+    }
+
+
+def _write_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    append_records(temporary, rows)
+    os.replace(temporary, path)
+
+
+def ai_helpfulness_labels(
+    config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs
+) -> list[dict[str, Any]]:
+    """Without human helpfulness data: SL-CAI answers each helpfulness prompt twice, the feedback
+    model labels each pair against the constitution's helpfulness principles. Both steps resume."""
+    log.warning(
+        "pm: data.human_preferences is none: labelling helpfulness with the feedback model and the "
+        "constitution's helpfulness principles instead of human comparisons"
+    )
+    prompts = [record for record in read_critiques(run_dir.path("critiques")) if record["kind"] == "helpful"]
+    sl_cai = ModelSpec(
+        name=str(run_dir.path("sl_cai").resolve()), backend=config.models.base.backend, prompt_format="plain"
+    )
+    params = SamplingParams(max_new_tokens=settings.helpfulness_max_new_tokens, temperature=1.0, stop=STOP_STRINGS)
+
+    def sample(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
+        pairs = sample_pairs(backend, chunk, params, config.seed)
+        advance(len(chunk))
+        return pairs
+
+    pairs_path = run_dir.path("helpful_pairs")
+    append_in_chunks(
+        pairs_path, prompts, lambda record: record["id"], lambda: config.open_backend(sl_cai, run_dir.cache_path),
+        sample, chunk_size=settings.chunk_size, desc="pm: helpful pairs", unit="prompt",
+    )  # fmt: skip
+    pairs = read_records(pairs_path)
+    constitution = inputs.constitution
+    options = LabelOptions()
+
+    def label(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
+        labels = label_comparisons(
+            backend, constitution, chunk, options, config.seed, principles=constitution.helpfulness_principles
+        )
+        advance(len(chunk))
+        return labels
+
+    labels_path = run_dir.path("ai_helpfulness")
+    append_in_chunks(
+        labels_path, pairs, lambda pair: pair["id"],
+        lambda: config.open_backend(config.models.feedback, run_dir.cache_path),
+        label, chunk_size=settings.chunk_size, desc="pm: helpfulness labels", unit="pair",
+    )  # fmt: skip
+    return read_ai_labels(labels_path)
+
+
+# ----------------------------------------------------------------------------- step 8: training
+
+
+def train(training: TrainingSettings, settings: Settings, seed: int, init: ModelRef, run_dir: RunDir) -> dict[str, Any]:
+    """Train the PM on `pm_train.jsonl`, resuming from the last complete checkpoint; save it atomically.
+
+    Returns:
+        What training measured: examples, dropped_too_long, steps, resumed_from_step, train_loss,
+        train_tokens_per_s.
+    """
+    rows = read_records(run_dir.path("pm_train"))
+    if not rows:
+        raise UserError(f"{run_dir.path('pm_train')}: no training comparisons")
+    from transformers import set_seed
+
+    tokenizer = load_tokenizer(init, training.trust_remote_code)
+    set_seed(seed)  # the new score head's initial weights come from the seed: same config, same PM
+    model = load_sequence_classifier(init, training.trust_remote_code)
+    checkpoints = run_dir.checkpoints(NAME)
+    trainer = build_trainer(training, settings, seed, model, tokenizer, to_dataset(rows), checkpoints)
+    resume = last_complete_checkpoint(checkpoints)
+    tokens_before = tokens_seen(resume)
+    if resume:
+        log.info("pm: resuming from %s", resume)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "examples": len(rows),
+        # TRL leaves out comparisons with a transcript longer than max_length.
+        "dropped_too_long": len(rows) - len(trainer.train_dataset),
+        "steps": trainer.state.global_step,
+        "resumed_from_step": checkpoint_step(resume) if resume else 0,
+        "train_loss": round(sum(losses) / len(losses) if losses else result.training_loss, 6),
+        "train_tokens_per_s": round((trainer.state.num_input_tokens_seen - tokens_before) / seconds, 2),
+    }
+    model = trainer.model.merge_and_unload() if settings.lora.enabled else trainer.model
+    save_model_atomic(model, tokenizer, run_dir.path("pm"), summary, trainer.state)
+    remove_checkpoints(checkpoints)
+    return summary
+
+
+def to_dataset(rows: list[dict[str, Any]]) -> Any:
+    """TRL's preference columns: transcript A as `chosen`, B as `rejected`, and the soft label `p_a`."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "chosen": [pm_transcript(conversation(row), row["response_a"]) for row in rows],
+        "rejected": [pm_transcript(conversation(row), row["response_b"]) for row in rows],
+        "p_a": [float(row["p_a"]) for row in rows],
+    })  # fmt: skip
+
+
+def build_trainer(
+    training: TrainingSettings, settings: Settings, seed: int, model: Any, tokenizer: Any, dataset: Any,
+    output_dir: Path, callbacks: Sequence[Any] = (), soft_labels: bool = True,
+) -> Any:  # fmt: skip
+    """A reward trainer with the stage's settings.
+
+    Args:
+        training: the `training` section.
+        settings: the `pm` section.
+        seed: the run seed.
+        model: a one-output sequence classifier, fp32.
+        tokenizer: its tokenizer.
+        dataset: from `to_dataset`.
+        output_dir: where checkpoints go.
+        callbacks: extra `TrainerCallback`s (benchmarks, tests).
+        soft_labels: False gives TRL's stock `RewardTrainer` (hard labels: A is always the chosen
+            answer), for the benchmark that compares the two.
+    """
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        max_length=settings.max_length,
+        seed=seed,
+        data_seed=seed,
+        activation_checkpointing=False,  # recomputation costs ~25% more; a single-device PM fits without it
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        push_to_hub=False,
+        eval_strategy="no",
+        **trainer_arguments(training),
+    )
+    trainer_class = soft_label_trainer_class() if soft_labels else RewardTrainer
+    return trainer_class(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=settings.lora.peft_config("SEQ_CLS"), callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def soft_label_trainer_class() -> type:
+    """TRL's `RewardTrainer` taught soft labels: it keeps the `p_a` column and uses the soft loss.
+
+    TRL 1.16's trainer knows hard labels only (with an optional margin) and drops every column
+    outside its hard-coded signature; three small overrides keep the rest of it (tokenising,
+    padding, checkpoints, logging) as it is.
+    """
+    import torch
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = super().torch_call(examples)
+            batch["p_a"] = torch.tensor([example["p_a"] for example in examples], dtype=torch.float)  # [batch]
+            return batch
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        def __init__(self, *args: Any, processing_class: Any, **kwargs: Any):
+            collator = SoftLabelCollator(pad_token_id=processing_class.pad_token_id)
+            super().__init__(*args, processing_class=processing_class, data_collator=collator, **kwargs)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "p_a"]
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            mode = "train" if self.model.training else "eval"
+            p_a = inputs.pop("p_a")  # [batch]
+            outputs = model(**inputs, use_cache=False)
+            # The collator stacks the A transcripts, then the B ones: [2 * batch, 1] -> two [batch].
+            rewards_a, rewards_b = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_bradley_terry_loss(rewards_a, rewards_b, p_a)
+            with torch.no_grad():
+                agree = ((rewards_a > rewards_b) == (p_a > 0.5)).float()[p_a != 0.5]
+                if len(agree):
+                    self._metrics[mode]["accuracy"].append(agree.mean().item())
+                self._metrics[mode]["margin"].append((rewards_a - rewards_b).abs().mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(settings: Settings, run_dir: RunDir, harmlessness: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Accuracy per source on held-out rows (and the harmlessness file), calibration; written to eval/.
+
+    Returns:
+        The report written to `eval/pm.json`.
+    """
+    pm = PreferenceModel.load(run_dir.path("pm"), max_length=settings.max_length, batch_size=settings.score_batch_size)
+    held_out = read_records(run_dir.path("pm_eval"))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in held_out:
+        groups.setdefault(row["source"], []).append(row)
+    if harmlessness:
+        groups["human_harmlessness"] = [
+            {**_human_row(pair, seed), "source": "human_harmlessness"} for pair in harmlessness
+        ]
+    report: dict[str, Any] = {"accuracy": {}, "calibration": {}}
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for source, rows in groups.items():
+        margins = score_margins(pm, rows)
+        labels = [float(row["p_a"]) for row in rows]
+        report["accuracy"][source] = {
+            "comparisons": len(rows),
+            "pm": round(agreement([1 / (1 + math.exp(-m)) for m in margins], labels), 4),
+            "length_baseline": round(agreement([_longer_first(row) for row in rows], labels), 4),
+            "chance": 0.5,
+        }
+        predicted = [1 / (1 + math.exp(-margin)) for margin in margins]
+        report["calibration"][source] = calibration(predicted, labels, settings.calibration_bins)
+        points[source] = (predicted, labels)
+        log.info(
+            "pm: held-out %s: accuracy %.3f (length baseline %.3f, chance 0.5) on %d comparisons, ECE %.3f",
+            source, report["accuracy"][source]["pm"], report["accuracy"][source]["length_baseline"], len(rows),
+            report["calibration"][source]["ece"],
+        )  # fmt: skip
+    path = run_dir.path("pm_report")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    plot_calibration(points, settings.calibration_bins, run_dir.path("pm_calibration"))
+    return report
+
+
+def score_margins(pm: PreferenceModel, rows: list[dict[str, Any]]) -> list[float]:
+    """r_A - r_B for each comparison (one batched scoring call for all 2N transcripts)."""
+    conversations = [conversation(row) for row in rows]
+    scores = pm.score(conversations * 2, [row["response_a"] for row in rows] + [row["response_b"] for row in rows])
+    return [scores[index] - scores[index + len(rows)] for index in range(len(rows))]
+
+
+def agreement(predicted: Sequence[float], labels: Sequence[float]) -> float:
+    """Share of comparisons where the prediction picks the labelled winner; ties count half.
+
+    Both are probabilities that A is better; comparisons labelled exactly 0.5 have no winner and
+    are left out.
+    """
+    scored = [(p, label) for p, label in zip(predicted, labels) if label != 0.5]
+    if not scored:
+        return float("nan")
+    return sum(0.5 if p == 0.5 else float((p > 0.5) == (label > 0.5)) for p, label in scored) / len(scored)
+
+
+def _longer_first(row: dict[str, Any]) -> float:
+    """The length-only baseline: the longer answer wins (1.0 if A is longer, 0.0 if B, 0.5 if equal)."""
+    a, b = len(row["response_a"].strip()), len(row["response_b"].strip())
+    return 1.0 if a > b else 0.0 if b > a else 0.5
+
+
+def calibration(predicted: Sequence[float], labels: Sequence[float], bins: int) -> dict[str, Any]:
+    """Expected calibration error and the reliability table of P(A better) against the labels.
+
+    Predictions are binned on [0, 1]; in each bin the mean prediction is compared with the mean
+    label (the observed frequency for 0/1 labels). ECE = sum_b (n_b / N) |mean label_b - mean prediction_b|.
+    """
+    table = []
+    error = 0.0
+    for b in range(bins):
+        members = [
+            (p, y) for p, y in zip(predicted, labels) if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1.0)
+        ]
+        if not members:
+            continue
+        confidence = sum(p for p, _ in members) / len(members)
+        frequency = sum(y for _, y in members) / len(members)
+        error += len(members) / len(predicted) * abs(frequency - confidence)
+        table.append({"bin": [b / bins, (b + 1) / bins], "count": len(members), "mean_predicted": round(confidence, 4),
+                      "mean_label": round(frequency, 4)})  # fmt: skip
+    return {"ece": round(error, 4), "bins": table}
+
+
+def plot_calibration(points: dict[str, tuple[list[float], list[float]]], bins: int, path: Path) -> None:
+    """A reliability diagram, one line per source (as in the paper's PM calibration figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for source, (predicted, labels) in points.items():
+        table = calibration(predicted, labels, bins)["bins"]
+        axis.plot(
+            [row["mean_predicted"] for row in table], [row["mean_label"] for row in table], marker="o",
+            label=f"{source} (n={len(predicted)})",
+        )  # fmt: skip
+    axis.set_xlabel("PM probability that A is better")
+    axis.set_ylabel("label: frequency (or mean probability) that A is better")
+    axis.set_title("Preference model calibration (held out)")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
