@@ -13,44 +13,34 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.embedded
 def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "constitutional.cli",
-        "run",
-        str(REPO / "configs" / "quickstart.yaml"),
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        "data.max_red_team=3",
-        "--set",
-        "data.max_helpful=2",
-        "--set",
-        "critique.rounds=2",
-        "--set",
-        "critique.max_new_tokens=32",
-        "--set",
-        "sl.batch_size=2",
-        "--set",
-        "sl.max_length=128",
-        "--set",
-        "pairs.max_new_tokens=24",
-        "--set",
-        "feedback.num_fewshot=1",
+    settings = {
+        "data.max_red_team": 4, "data.max_helpful": 2, "critique.rounds": 2, "critique.max_new_tokens": 32,
+        "sl.batch_size": 2, "sl.max_length": 128, "pairs.max_new_tokens": 24, "feedback.num_fewshot": 1,
+        "pm.max_human": 24, "pm.eval_fraction": 0.25,
+    }  # fmt: skip
+    command = [sys.executable, "-m", "constitutional.cli", "run", str(REPO / "configs" / "quickstart.yaml")]
+    command += ["--run-dir", str(run_dir)] + [
+        part for key, value in settings.items() for part in ("--set", f"{key}={value}")
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "data" / "critiques.jsonl").read_text().splitlines()]
-    assert len(records) == 5
+    assert len(records) == 6
     red_team = [r for r in records if r["kind"] == "red_team"]
-    assert len(red_team) == 3 and all(len(r["revisions"]) == 2 for r in red_team)
+    assert len(red_team) == 4 and all(len(r["revisions"]) == 2 for r in red_team)
     # A real model writes real text: most answers are neither empty nor loops.
-    assert sum(bool(r["initial_response"]) for r in records) >= 4
+    assert sum(bool(r["initial_response"]) for r in records) >= 5
     assert (run_dir / "models" / "sl-cai" / "model.safetensors").exists()
     pairs = [json.loads(line) for line in (run_dir / "data" / "pairs.jsonl").read_text().splitlines()]
     labels = [json.loads(line) for line in (run_dir / "data" / "ai_labels.jsonl").read_text().splitlines()]
-    assert 1 <= len(pairs) <= 3 and len(labels) == len(pairs)
+    assert 2 <= len(pairs) <= 4 and len(labels) == len(pairs)
     assert all(0.0 <= label["p_a"] <= 1.0 and len(label["readings"]) == 2 for label in labels)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert all(manifest["stages"][stage]["status"] == "done" for stage in ("critique", "sl", "pairs", "feedback"))
-    assert manifest["stages"]["critique"]["counts"]["records"] == 5
+    assert all(manifest["stages"][stage]["status"] == "done" for stage in ("critique", "sl", "pairs", "feedback", "pm"))
+    assert manifest["stages"]["critique"]["counts"]["records"] == 6
+    # The preference model: trained on the AI labels and the built-in human comparisons, evaluated on held-out ones.
+    assert (run_dir / "models" / "pm" / "model.safetensors").exists()
+    report = json.loads((run_dir / "eval" / "pm.json").read_text())
+    assert set(report["accuracy"]) == {"ai_harmlessness", "human_helpfulness"}
+    assert all(0 <= values["pm"] <= 1 for values in report["accuracy"].values())
+    assert (run_dir / "eval" / "pm_calibration.png").read_bytes().startswith(b"\x89PNG")

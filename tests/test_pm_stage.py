@@ -273,7 +273,7 @@ def test_ai_helpfulness_labels_replace_human_data_when_asked(tmp_path, make_conf
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"chosen": transcript("Hi?", ""), "rejected": transcript("Hi?", "Hello")}, "field 'chosen'"),
+        ({"chosen": "", "rejected": transcript("Hi?", "Hello")}, "field 'chosen' is empty"),
         ({"chosen": transcript("Hi?", "Hello")}, "no chosen/rejected fields"),
     ],
 )

@@ -31,16 +31,17 @@ def cai(args: list[str], capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
-    """A config file and a run directory where all four stages finished on the tiny model."""
+    """A config file and a run directory where every stage finished on the tiny model."""
     folder = tmp_path_factory.mktemp("finished")
     data = tiny_config_data(
         tiny_model_dir,
         folder,
         critique={"rounds": 1},
-        data={"max_red_team": 3, "max_helpful": 1},
+        data={"max_red_team": 4, "max_helpful": 1},
         sl={"batch_size": 4, "max_length": 64, "save_steps": 100},
         pairs={"max_new_tokens": 6},
         feedback={"num_fewshot": 1, "cot_max_new_tokens": 6},
+        pm={"max_human": 24, "batch_size": 8, "max_length": 128, "save_steps": 100, "eval_fraction": 0.25},
     )
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -63,7 +64,8 @@ def test_a_changed_setting_is_refused_naming_keys_and_stages(run, capsys):
     before = snapshot(run_dir)
     code, err = cai(["run", config, "--run-dir", str(run_dir), "--set", "feedback.cot=true"], capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "feedback.cot: False -> True" in err and "stages that would run again: feedback." in err and "--rerun" in err
+    assert "feedback.cot: False -> True" in err and "stages that would run again: feedback, pm." in err
+    assert "--rerun" in err
     assert snapshot(run_dir) == before and not (run_dir / "previous").exists()
 
 
@@ -80,6 +82,8 @@ def test_rerun_replaces_only_the_changed_stage_and_keeps_the_old_labels(run, cap
     assert labels and all("reasoning" in label and 0.4 <= label["p_a"] <= 0.6 for label in labels)
     (archive,) = (run_dir / "previous").iterdir()
     assert (archive / "data/ai_labels.jsonl").read_text() == old_labels
+    assert (archive / "models/pm/model.safetensors").exists()  # the PM trained on the old labels goes too
+    assert (run_dir / "models/pm/model.safetensors").exists()  # and a new one is trained
     assert yaml.safe_load((archive / "config.yaml").read_text())["feedback"]["cot"] is False
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert manifest["feedback"]["status"] == "done" and manifest["feedback"]["settings"]["feedback.cot"] is True
@@ -113,18 +117,18 @@ def test_an_early_change_makes_every_later_stage_stale(run, capsys):
     config, run_dir = run
     code, err = cai(["run", config, "--run-dir", str(run_dir), "--set", "critique.rounds=2"], capsys)
     assert code == 2 and "critique.rounds: 1 -> 2" in err
-    assert "stages that would run again: critique, sl, pairs, feedback." in err
+    assert "stages that would run again: critique, sl, pairs, feedback, pm." in err
 
 
 def test_an_upstream_file_edited_by_hand_makes_its_readers_stale(run, capsys):
     config, run_dir = run
     pairs = run_dir / "data/pairs.jsonl"
-    pairs.write_text("".join(pairs.read_text().splitlines(keepends=True)[:1]))
+    pairs.write_text("".join(pairs.read_text().splitlines(keepends=True)[:2]))
     code, err = cai(["run", config, "--run-dir", str(run_dir)], capsys)
-    assert code == 2 and "data/pairs.jsonl changed" in err and "would run again: feedback." in err
+    assert code == 2 and "data/pairs.jsonl changed" in err and "would run again: feedback, pm." in err
     code, err = cai(["run", config, "--run-dir", str(run_dir), "--rerun"], capsys)
     assert code == 0, err
-    assert len((run_dir / "data/ai_labels.jsonl").read_text().splitlines()) == 1
+    assert len((run_dir / "data/ai_labels.jsonl").read_text().splitlines()) == 2
 
 
 def test_rerun_where_there_is_no_run_is_refused(finished, tmp_path, capsys):

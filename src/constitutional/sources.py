@@ -212,7 +212,7 @@ def load_preference_pairs(
     _check_limit(limit)
     name, rows = _open_source(spec, Path(base_dir), builtin)
     pairs: dict[str, dict[str, Any]] = {}
-    skipped = 0
+    skipped = empty = 0
     for where, row in rows:
         if limit is not None and len(pairs) >= limit:
             break
@@ -220,10 +220,16 @@ def load_preference_pairs(
         if pair is None:
             skipped += 1
             continue
+        if not (pair["chosen"] and pair["rejected"]):
+            # Real HH-RLHF rows sometimes end in an Assistant turn with no text: nothing to compare.
+            empty += 1
+            continue
         pair["id"] = _content_id(prefix, pair["history"], pair["prompt"], pair["chosen"], pair["rejected"])
         pairs.setdefault(pair["id"], pair)
     if skipped:
         log.warning("%s: skipped %d rows whose chosen and rejected differ before the last reply", name, skipped)
+    if empty:
+        log.warning("%s: skipped %d rows whose final Assistant reply is empty", name, empty)
     if not pairs and limit != 0:
         raise UserError(f"{name}: no preference pairs found")
     return [{key: pair[key] for key in ("id", "prompt", "history", "chosen", "rejected")} for pair in pairs.values()]
@@ -311,13 +317,13 @@ def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
     """One comparison from a row, or None when chosen and rejected differ before the last reply."""
     if not (isinstance(row, dict) and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
         raise UserError(f"{where}: no chosen/rejected fields (expected HH-RLHF comparison rows)")
+    for field in ("chosen", "rejected"):
+        if not row[field].strip():
+            raise UserError(f"{where}: field {field!r} is empty")
     if row.get("prompt") is not None:
         # Already split: the prompt (a plain prompt or a transcript) and the two replies.
         prompt, history = _prompt_from_row({"prompt": row["prompt"], "history": row.get("history")}, where)
         chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
-        for field, reply in (("chosen", chosen), ("rejected", rejected)):
-            if not reply:
-                raise UserError(f"{where}: field {field!r} is empty")
         return {"prompt": prompt, "history": history, "chosen": chosen, "rejected": rejected}
     try:
         chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
@@ -335,9 +341,6 @@ def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
         "chosen": _reply(chosen[last + 1 :]),
         "rejected": _reply(rejected[last + 1 :]),
     }
-    for field in ("chosen", "rejected"):
-        if not pair[field]:
-            raise UserError(f"{where}: field {field!r}: the final Assistant reply is missing or empty")
     return pair
 
 
