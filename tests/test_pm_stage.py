@@ -200,6 +200,20 @@ def test_the_tiny_model_learns_a_separable_preference(tmp_path, make_config, cap
     assert "no preference model here" in capsys.readouterr().err
 
 
+def test_lora_pm_is_merged_into_a_plain_classifier(tmp_path, make_config, tiny_model_dir):
+    run = RunDir(tmp_path / "run")
+    config = make_config(separable_data(run, tmp_path), epochs=1, lora={"enabled": True, "r": 4, "alpha": 8})
+    pm.run(config, config.pm, run, pm.check(config, config.pm))
+    saved = {path.name for path in run.path("pm").iterdir()}
+    assert "model.safetensors" in saved and "adapter_config.json" not in saved
+    trained = AutoModelForSequenceClassification.from_pretrained(run.path("pm")).state_dict()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).state_dict()
+    assert trained.keys() == base.keys()
+    changed = [name for name in base if not torch.equal(trained[name], base[name])]
+    assert any(name.endswith("q_proj.weight") for name in changed)  # the adapters, merged into the weights
+    assert "model.embed_tokens.weight" not in changed  # LoRA leaves what it does not target alone
+
+
 def test_a_score_does_not_depend_on_batch_mates_or_padding_side(tiny_model_dir):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     from transformers import AutoTokenizer

@@ -119,6 +119,14 @@ class LoraSettings:
         return "all-linear" if names == ["all-linear"] else names
 
 
+def check_scheduler(key: str, name: str) -> None:
+    """A learning-rate scheduler transformers knows (constant, linear, cosine, ...), or a UserError naming `key`."""
+    from transformers import SchedulerType
+
+    known = [member.value for member in SchedulerType]
+    require(name in known, f"{key}: expected one of {', '.join(known)}, got {name!r}")
+
+
 def trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
     """Keyword arguments for any transformers `TrainingArguments` subclass (SFTConfig, RewardConfig, ...).
 

@@ -57,6 +57,7 @@ from constitutional.training import (
     SUMMARY,
     LoraSettings,
     TrainingSettings,
+    check_scheduler,
     checkpoint_step,
     is_complete_model,
     last_complete_checkpoint,
@@ -121,6 +122,7 @@ class Settings:
             require_positive(f"pm.{key}", getattr(self, key))
         require(self.warmup_steps >= 0, f"pm.warmup_steps: expected 0 or more, got {self.warmup_steps}")
         require(bool(self.init.strip()), "pm.init: expected base, sl-cai or a model name")
+        check_scheduler("pm.lr_scheduler", self.lr_scheduler)
         self.lora.check("pm.lora")
 
 

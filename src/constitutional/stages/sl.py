@@ -35,6 +35,7 @@ from constitutional.training import (
     SUMMARY,
     LoraSettings,
     TrainingSettings,
+    check_scheduler,
     checkpoint_step,
     is_complete_model,
     last_complete_checkpoint,
@@ -83,16 +84,8 @@ class Settings:
         ):
             require_positive(f"sl.{key}", getattr(self, key))
         require(self.warmup_steps >= 0, f"sl.warmup_steps: expected 0 or more, got {self.warmup_steps}")
-        _check_scheduler(self.lr_scheduler)
+        check_scheduler("sl.lr_scheduler", self.lr_scheduler)
         self.lora.check("sl.lora")
-
-
-def _check_scheduler(name: str) -> None:
-    """The scheduler must be one that transformers knows (constant, linear, cosine, ...)."""
-    from transformers import SchedulerType
-
-    known = [member.value for member in SchedulerType]
-    require(name in known, f"sl.lr_scheduler: expected one of {', '.join(known)}, got {name!r}")
 
 
 def reads(config: CoreConfig, settings: Settings) -> list[str]:
