@@ -17,6 +17,7 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
         "data.max_red_team": 4, "data.max_helpful": 2, "critique.rounds": 2, "critique.max_new_tokens": 32,
         "sl.batch_size": 2, "sl.max_length": 128, "pairs.max_new_tokens": 24, "feedback.num_fewshot": 1,
         "pm.max_human": 24, "pm.eval_fraction": 0.25,
+        "rl.steps": 2, "rl.rollout_batch_size": 4, "rl.max_new_tokens": 16, "rl.max_eval_prompts": 2,
     }  # fmt: skip
     command = [sys.executable, "-m", "constitutional.cli", "run", str(REPO / "configs" / "quickstart.yaml")]
     command += ["--run-dir", str(run_dir)] + [
@@ -36,7 +37,8 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     assert 2 <= len(pairs) <= 4 and len(labels) == len(pairs)
     assert all(0.0 <= label["p_a"] <= 1.0 and len(label["readings"]) == 2 for label in labels)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert all(manifest["stages"][stage]["status"] == "done" for stage in ("critique", "sl", "pairs", "feedback", "pm"))
+    stages = ("critique", "sl", "pairs", "feedback", "pm", "rl")
+    assert all(manifest["stages"][stage]["status"] == "done" for stage in stages)
     assert manifest["stages"]["critique"]["counts"]["records"] == 6
     # The preference model: trained on the AI labels and the built-in human comparisons, evaluated on held-out ones.
     assert (run_dir / "models" / "pm" / "model.safetensors").exists()
@@ -44,3 +46,7 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     assert set(report["accuracy"]) == {"ai_harmlessness", "human_helpfulness"}
     assert all(0 <= values["pm"] <= 1 for values in report["accuracy"].values())
     assert (run_dir / "eval" / "pm_calibration.png").read_bytes().startswith(b"\x89PNG")
+    # RL-CAI: two PPO steps against the PM, their metrics, and the merged policy.
+    metrics = [json.loads(line) for line in (run_dir / "eval" / "rl_metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2] and abs(metrics[0]["kl"]) < 1e-4
+    assert (run_dir / "models" / "rl-cai" / "model.safetensors").exists()

@@ -86,11 +86,16 @@ class PreferenceModel:
             conversations: per pair, the turns up to and including the last human turn.
             responses: per pair, the assistant's answer.
         """
-        import torch
-
         if len(conversations) != len(responses):
             raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
-        token_ids = [self._encode(pm_transcript(turns, text)) for turns, text in zip(conversations, responses)]
+        return self._score_ids(
+            [self._encode(pm_transcript(turns, text)) for turns, text in zip(conversations, responses)]
+        )
+
+    def _score_ids(self, token_ids: list[list[int]]) -> list[float]:
+        """Scores of tokenised transcripts, batched by length, right-padded."""
+        import torch
+
         scores = [0.0] * len(token_ids)
         order = sorted(range(len(token_ids)), key=lambda index: len(token_ids[index]))  # little padding
         device = next(self.model.parameters()).device
@@ -109,6 +114,10 @@ class PreferenceModel:
             for index, value in zip(batch, values.tolist()):
                 scores[index] = value
         return scores
+
+    def score_transcripts(self, transcripts: Sequence[str]) -> list[float]:
+        """Scores of ready-made transcripts (`pm_transcript` output), for callers that hold text only."""
+        return self._score_ids([self._encode(text) for text in transcripts])
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text + self.tokenizer.eos_token)["input_ids"]

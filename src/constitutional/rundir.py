@@ -57,6 +57,10 @@ ARTEFACTS: dict[str, Artefact] = {
     "pm_report": Artefact("eval/pm.json", "pm"),
     "pm_calibration": Artefact("eval/pm_calibration.png", "pm"),
     "rl_cai": Artefact("models/rl-cai", "rl"),
+    "rl_prompts": Artefact("data/rl_prompts.jsonl", "rl"),
+    "rl_metrics": Artefact("eval/rl_metrics.jsonl", "rl"),
+    "rl_curves": Artefact("eval/rl_curves.png", "rl"),
+    "rl_samples": Artefact("eval/rl_samples.jsonl", "rl"),
     "eval_metrics": Artefact("eval/metrics.json", "eval"),
     "eval_report": Artefact("eval/report.html", "eval"),
 }

@@ -127,6 +127,9 @@ class TransformersBackend(Backend):
         self.batch_size = batch_size
         self.generated_tokens = 0  # running count, for throughput reports
         self.last_token_counts: list[int] = []  # new tokens per prompt of the last generate call
+        # The sampled token ids per prompt of the last call (end-of-sequence included, padding not),
+        # before stop strings are applied to the text: RL trains on exactly what was sampled.
+        self.last_token_ids: list[list[int]] = []
 
     @property
     def device(self) -> torch.device:
@@ -142,18 +145,20 @@ class TransformersBackend(Backend):
         encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
         results: list[str] = [""] * len(prompts)
         self.last_token_counts = [0] * len(prompts)
+        self.last_token_ids = [[] for _ in prompts]
         for batch in _length_sorted_batches([len(ids) for ids in encoded], self.batch_size):
-            texts, counts = self._generate_batch([encoded[i] for i in batch], params, [seeds[i] for i in batch])
-            for index, text, count in zip(batch, texts, counts):
+            texts, rows = self._generate_batch([encoded[i] for i in batch], params, [seeds[i] for i in batch])
+            for index, text, ids in zip(batch, texts, rows):
                 results[index] = text
-                self.last_token_counts[index] = count
+                self.last_token_counts[index] = len(ids)
+                self.last_token_ids[index] = ids
         return results
 
     @torch.inference_mode()
     def _generate_batch(
         self, token_ids: list[list[int]], params: SamplingParams, seeds: list[int]
-    ) -> tuple[list[str], list[int]]:
-        """Generate for one padded batch; returns the texts and the new-token count of each row."""
+    ) -> tuple[list[str], list[list[int]]]:
+        """Generate for one padded batch; returns the texts and the new token ids of each row."""
         shared = self._shareable_prefix_length(token_ids)
         if shared:
             inputs, cache = self._inputs_with_shared_prefix(token_ids, shared)
@@ -182,10 +187,10 @@ class TransformersBackend(Backend):
         )
         new_tokens = output[:, prompt_length:]
         # Finished rows are filled with padding up to the batch's longest row.
-        counts = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
-        self.generated_tokens += sum(counts)
+        rows = [[token for token in row if token != self.tokenizer.pad_token_id] for row in new_tokens.tolist()]
+        self.generated_tokens += sum(map(len, rows))
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [cut_at_stop(text, params.stop) for text in texts], counts
+        return [cut_at_stop(text, params.stop) for text in texts], rows
 
     def _cache_argument(self, cache: Any) -> dict[str, Any]:
         """The KV-cache keyword: `cache` in current transformers, `past_key_values` before 5.2x."""

@@ -22,7 +22,7 @@ import importlib
 from types import ModuleType
 
 # The paper's order; rl and eval are on their way.
-STAGES = ("critique", "sl", "pairs", "feedback", "pm")
+STAGES = ("critique", "sl", "pairs", "feedback", "pm", "rl")
 
 
 def stage_module(name: str) -> ModuleType:

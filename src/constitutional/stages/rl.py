@@ -1,0 +1,737 @@
+"""Stage `rl` (paper step 9): reinforcement learning from SL-CAI against the preference model -> RL-CAI.
+
+`rl.algorithm: ppo` (the paper's): the policy starts from SL-CAI and the reference policy is SL-CAI,
+frozen (with LoRA, the same weights with the adapters switched off, so there is no second copy).
+Each step samples answers to a batch of red-team and helpfulness prompts through the back-end
+generation interface (one seed per row, so a rollout batch is reproducible), scores them with the
+PM (minus a penalty for answers that never end), turns the score into per-token rewards with a KL
+penalty to the reference, estimates advantages with GAE against a value model initialised from the
+PM, and takes `ppo_epochs` passes of clipped policy and value updates over minibatches. The math is
+in `rl/ppo.py`; this module is the loop, on `accelerate`, so the same code runs on a CPU or GPUs.
+
+`rl.algorithm: dpo`: offline DPO on the AI labels with TRL's `DPOTrainer` (the recipe of Hugging
+Face's CAI reproduction): each soft label becomes a (chosen, rejected) pair, near-ties dropped.
+
+Outputs: `models/rl-cai/` (the policy, LoRA merged, safetensors), `data/rl_prompts.jsonl` (the
+prompts and their train/held-out split), `eval/rl_metrics.jsonl` (one line per step), `eval/rl_curves.png`,
+`eval/rl_samples.jsonl` (SL-CAI and RL-CAI answers to held-out prompts, with their PM scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from constitutional.backends import SamplingParams
+from constitutional.backends.settings import require, require_positive
+from constitutional.errors import UserError
+from constitutional.models import load_tokenizer, resolve_model_name
+from constitutional.preference import PreferenceModel
+from constitutional.prompts import STOP_STRINGS, Turn, render_plain, trim_at_turn_marker
+from constitutional.records import append_records, conversation, read_ai_labels, read_critiques, read_records
+from constitutional.rundir import RunDir
+from constitutional.sections import CoreConfig, runtime
+from constitutional.seeding import rng_for, seed_for
+from constitutional.training import (
+    SUMMARY,
+    LoraSettings,
+    TrainingSettings,
+    is_complete_model,
+    save_model_atomic,
+    trainer_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "rl"
+CONFIG_KEYS = ("seed", "training.precision")
+RewardFn = Callable[[Sequence[Sequence[Turn]], Sequence[str]], list[float]]
+
+
+@dataclass
+class Settings:
+    """Config section `rl` (paper step 9)."""
+
+    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
+    steps: int = 20  # PPO: rollout batches
+    rollout_batch_size: int = 16  # prompts per rollout batch
+    ppo_epochs: int = 2  # passes over each rollout batch
+    minibatch_size: int = 4
+    learning_rate: float = 1e-5
+    max_new_tokens: int = 64  # answers longer than this are cut (and penalised as never ending)
+    temperature: float = 1.0
+    kl_coef: float = 0.05  # beta of the per-token KL penalty to SL-CAI
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler et al. 2019: move kl_coef towards kl_target
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = 1.0  # subtracted from the PM score of an answer that hits max_new_tokens
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.1  # prompts held out for the SL-CAI vs RL-CAI comparison
+    max_eval_prompts: int = 16
+    group_size: int = 4  # rloo, grpo: answers sampled per prompt (rollout_batch_size must be a multiple)
+    dpo_beta: float = 0.1
+    dpo_margin: float = 0.1  # DPO: labels with |p_a - 0.5| below this are near-ties, dropped
+    dpo_epochs: float = 1.0
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=True))
+    save_steps: int = runtime(5)
+    score_batch_size: int = runtime(8)
+
+    def validate(self) -> None:
+        for key in ("steps", "rollout_batch_size", "ppo_epochs", "minibatch_size", "learning_rate", "max_new_tokens",
+                    "temperature", "kl_target", "kl_horizon", "max_grad_norm", "max_eval_prompts", "dpo_beta",
+                    "dpo_epochs", "save_steps", "score_batch_size"):  # fmt: skip
+            require_positive(f"rl.{key}", getattr(self, key))
+        for key in ("kl_coef", "clip_range", "value_clip_range", "vf_coef", "missing_eos_penalty"):
+            require(getattr(self, key) >= 0, f"rl.{key}: expected 0 or more, got {getattr(self, key)}")
+        require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma, rl.lam: expected numbers in [0, 1]")
+        require(0 < self.eval_fraction < 1, f"rl.eval_fraction: expected a number in (0, 1), got {self.eval_fraction}")
+        require(0 <= self.dpo_margin < 0.5, f"rl.dpo_margin: expected a number in [0, 0.5), got {self.dpo_margin}")
+        require(self.group_size >= 2, f"rl.group_size: expected 2 or more, got {self.group_size}")
+        if self.algorithm in ("rloo", "grpo"):
+            require(
+                self.rollout_batch_size % self.group_size == 0,
+                f"rl.rollout_batch_size: expected a multiple of rl.group_size ({self.group_size}) "
+                f"for {self.algorithm}, got {self.rollout_batch_size}",
+            )
+        self.lora.check("rl.lora")
+
+
+def reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """PPO, RLOO, GRPO: the prompts (critiques), SL-CAI and the PM; DPO: the AI labels and SL-CAI."""
+    return ["ai_labels", "sl_cai"] if settings.algorithm == "dpo" else ["critiques", "sl_cai", "pm"]
+
+
+def check(config: CoreConfig, settings: Settings) -> None:
+    """Nothing outside the run directory: SL-CAI and the PM are this run's own artefacts."""
+    return None
+
+
+def input_hashes(inputs: None) -> dict[str, str]:
+    return {}
+
+
+def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: None) -> dict[str, Any]:
+    """Train RL-CAI with the configured algorithm, resuming from the last complete checkpoint.
+
+    Returns:
+        Counts for the manifest: which algorithm ran, steps, final KL, held-out rewards.
+    """
+    for artefact in reads(config, settings):
+        path = run_dir.path(artefact)
+        if not path.exists():
+            maker = {"critiques": "critique", "sl_cai": "sl", "pm": "pm", "ai_labels": "feedback"}[artefact]
+            raise UserError(f"{path}: not found; make it with `cai run CONFIG --stages {maker}` first")
+    output = run_dir.path("rl_cai")
+    if is_complete_model(output):
+        log.info("rl: %s already exists, not training again", output)
+        return json.loads((output / SUMMARY).read_text(encoding="utf-8"))
+    if settings.algorithm == "dpo":
+        return run_dpo(config, settings, run_dir)
+    prompts = split_prompts(run_dir, settings, config.seed)
+    device = "cpu" if trainer_arguments(config.training)["use_cpu"] else "cuda"
+    reward_model = PreferenceModel.load(run_dir.path("pm"), device=device, batch_size=settings.score_batch_size)
+    if settings.algorithm in ("rloo", "grpo"):
+        return run_group(config, settings, run_dir, prompts, reward_model)
+    return run_ppo(config, settings, run_dir, prompts, reward_model.score)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def split_prompts(run_dir: RunDir, settings: Settings, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Red-team and helpfulness prompts (as in the paper), split by a seeded hash; kept in `rl_prompts.jsonl`."""
+    path = run_dir.path("rl_prompts")
+    if not path.exists():
+        records = read_critiques(run_dir.path("critiques"))
+        rows = []
+        for record in records:
+            held_out = rng_for(seed, "rl-split:" + record["id"]).random() < settings.eval_fraction
+            row = {"id": record["id"], "kind": record["kind"], "prompt": record["prompt"]}
+            if record.get("history"):
+                row["history"] = record["history"]
+            rows.append({**row, "split": "eval" if held_out else "train"})
+        if not any(row["split"] == "eval" for row in rows) and len(rows) > 1:
+            rows[-1]["split"] = "eval"  # a tiny prompt set still gets one held-out prompt
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.unlink(missing_ok=True)
+        append_records(temporary, rows)
+        os.replace(temporary, path)
+    rows = read_records(path)
+    split = {"train": [r for r in rows if r["split"] == "train"], "eval": [r for r in rows if r["split"] == "eval"]}
+    if not split["train"]:
+        raise UserError(f"{path}: no training prompts (the critiques file holds {len(rows)} prompts)")
+    return split
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+@dataclass
+class Models:
+    """What PPO trains and reads: the policy (LoRA on SL-CAI), its reference, and the value model."""
+
+    policy: Any
+    value: Any
+    tokenizer: Any
+    reference: Any | None  # None: the policy with its adapters switched off
+
+
+def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir, seed: int) -> Models:
+    """SL-CAI as the policy (LoRA adapters when `rl.lora.enabled`), the PM as the value model."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    set_seed(seed)
+    sl_cai = resolve_model_name(str(run_dir.path("sl_cai").resolve()))
+    tokenizer = load_tokenizer(sl_cai, training.trust_remote_code)
+    policy = AutoModelForCausalLM.from_pretrained(str(run_dir.path("sl_cai")), dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(str(run_dir.path("pm")), dtype=torch.float32)
+    value.config.pad_token_id = tokenizer.pad_token_id
+    reference = None
+    if settings.lora.enabled:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, settings.lora.peft_config("CAUSAL_LM"))
+        value = get_peft_model(value, settings.lora.peft_config("SEQ_CLS"))
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    return Models(policy, value, tokenizer, reference)
+
+
+def run_ppo(
+    config: CoreConfig,
+    settings: Settings,
+    run_dir: RunDir,
+    prompts: dict[str, list[dict[str, Any]]],
+    reward_fn: RewardFn,
+) -> dict[str, Any]:
+    """The PPO loop: rollouts, scoring, advantages, clipped updates; checkpoints every `save_steps`.
+
+    Args:
+        config: the run's config (seed, training).
+        settings: the `rl` section.
+        run_dir: the run directory.
+        prompts: {"train": [...], "eval": [...]} prompt records.
+        reward_fn: scores (conversation, response) pairs: the PM, or a known function in tests.
+
+    Returns:
+        The training summary (also saved next to the model).
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from constitutional.rl.ppo import AdaptiveKLController, FixedKLController
+
+    device_args = trainer_arguments(config.training)
+    accelerator = Accelerator(cpu=device_args["use_cpu"], mixed_precision="bf16" if device_args["bf16"] else "no")
+    models = load_models(config.training, settings, run_dir, config.seed)
+    parameters = [p for model in (models.policy, models.value) for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
+    models.policy, models.value, optimizer = accelerator.prepare(models.policy, models.value, optimizer)
+    if models.reference is not None:
+        models.reference.to(accelerator.device)
+    kl_control = (
+        AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
+        if settings.adaptive_kl
+        else FixedKLController(settings.kl_coef)
+    )
+    checkpoints = run_dir.checkpoints(NAME)
+    start = resume(accelerator, checkpoints, kl_control)
+    metrics_path = run_dir.path("rl_metrics")
+    _keep_metrics_up_to(metrics_path, start)
+    for step in range(start, settings.steps):
+        batch = _rollout_prompts(prompts["train"], settings.rollout_batch_size, step, config.seed)
+        metrics = ppo_step(accelerator, models, optimizer, kl_control, settings, batch, step, config.seed, reward_fn)
+        append_records(metrics_path, [metrics])
+        log.info(
+            "rl step %d/%d: reward %.3f, kl %.3f, entropy %.3f, value loss %.4f, clip %.3f, length %.1f",
+            step + 1, settings.steps, metrics["mean_reward"], metrics["kl"], metrics["entropy"],
+            metrics["value_loss"], metrics["clip_fraction"], metrics["response_length"],
+        )  # fmt: skip
+        if (step + 1) % settings.save_steps == 0 and step + 1 < settings.steps:
+            save_checkpoint(accelerator, checkpoints, step + 1, kl_control)
+    history = read_records(metrics_path)
+    plot_curves(history, run_dir.path("rl_curves"))
+    evaluation = compare_on_held_out(models, settings, prompts["eval"], config.seed, reward_fn, run_dir)
+    policy = accelerator.unwrap_model(models.policy)
+    merged = policy.merge_and_unload() if settings.lora.enabled else policy
+    summary = {
+        "algorithm": "ppo",
+        "steps": settings.steps,
+        "resumed_from_step": start,
+        "final_kl": history[-1]["kl"] if history else None,
+        "final_kl_coef": kl_control.value,
+        "final_mean_reward": history[-1]["mean_reward"] if history else None,
+        **evaluation,
+    }
+    save_model_atomic(merged, models.tokenizer, run_dir.path("rl_cai"), summary)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return summary
+
+
+def _rollout_prompts(train: list[dict[str, Any]], size: int, step: int, seed: int) -> list[dict[str, Any]]:
+    """The prompts of one rollout batch: a seeded shuffle of the training prompts per pass, cycled."""
+    order = sorted(
+        range(len(train)), key=lambda i: rng_for(seed, f"rl-order:{(step * size) // len(train)}:{i}").random()
+    )
+    offset = (step * size) % len(train)
+    return [train[order[(offset + i) % len(train)]] for i in range(size)]
+
+
+def ppo_step(
+    accelerator: Any, models: Models, optimizer: Any, kl_control: Any, settings: Settings,
+    prompts: list[dict[str, Any]], step: int, seed: int, reward_fn: RewardFn,
+) -> dict[str, Any]:  # fmt: skip
+    """One PPO iteration on one rollout batch; returns the step's metrics."""
+    import torch
+
+    from constitutional.rl import ppo
+
+    timings = {}
+    started = time.perf_counter()
+    conversations = [conversation(record) for record in prompts]
+    seeds = [seed_for(seed, "rl", str(step), p["id"]) for p in prompts]
+    rollout = generate(models, settings, conversations, seeds)
+    timings["rollout_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    scores = torch.tensor(reward_fn(conversations, rollout.texts), dtype=torch.float32)  # [B]
+    penalised = scores - settings.missing_eos_penalty * torch.tensor(rollout.truncated, dtype=torch.float32)  # [B]
+    timings["scoring_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    batch = encode(models.tokenizer, conversations, rollout.token_ids, accelerator.device)
+    mask = batch["response_mask"]  # [B, R]
+    with torch.no_grad():
+        old_logprobs = response_logprobs(models.policy, batch)  # [B, R]
+        ref_logprobs = reference_logprobs(models, batch)  # [B, R]
+        old_values = response_values(models.value, batch)  # [B, R]
+    rewards, kl = ppo.token_rewards(
+        penalised.to(mask.device), old_logprobs, ref_logprobs, mask, kl_control.value, settings.kl_estimator
+    )
+    if settings.whiten_rewards:
+        rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = ppo.gae_advantages(rewards, old_values, mask, settings.gamma, settings.lam)
+    advantages = ppo.masked_whiten(advantages, mask)
+
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "entropy": []}
+    models.policy.train()
+    models.value.train()
+    order_rng = rng_for(seed, f"rl-minibatches:{step}")
+    for _ in range(settings.ppo_epochs):
+        order = sorted(range(len(prompts)), key=lambda i: order_rng.random())
+        for begin in range(0, len(order), settings.minibatch_size):
+            rows = order[begin : begin + settings.minibatch_size]
+            part = {key: value[rows] for key, value in batch.items() if hasattr(value, "shape")}
+            part["prompt_width"] = batch["prompt_width"]
+            logprobs, entropy = response_logprobs(models.policy, part, with_entropy=True)
+            values = response_values(models.value, part)
+            policy_loss, clipped = ppo.clipped_policy_loss(
+                logprobs, old_logprobs[rows], advantages[rows], mask[rows], settings.clip_range
+            )
+            value_loss, _ = ppo.clipped_value_loss(
+                values, old_values[rows], returns[rows], mask[rows], settings.value_clip_range
+            )
+            loss = policy_loss + settings.vf_coef * value_loss
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"rl step {step + 1}: the loss is not finite ({loss.item()}); the last checkpoint is kept"
+                )
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], settings.max_grad_norm
+            )
+            optimizer.step()
+            stats["policy_loss"].append(policy_loss.item())
+            stats["value_loss"].append(value_loss.item())
+            stats["clip_fraction"].append(clipped.item())
+            stats["entropy"].append(entropy.item())
+    timings["optimisation_s"] = time.perf_counter() - started
+    sequence_kl = (kl * mask).sum(dim=1)  # [B] KL of each whole answer, in nats
+    kl_control.update(sequence_kl.mean().item(), len(prompts))
+    return {
+        "step": step + 1,
+        "mean_reward": round(scores.mean().item(), 6),  # the PM's score, before penalties
+        "mean_penalised_reward": round(penalised.mean().item(), 6),
+        "kl": round(sequence_kl.mean().item(), 6),
+        "kl_coef": kl_control.value,
+        **{name: round(sum(values) / len(values), 6) for name, values in stats.items()},
+        "response_length": round(mask.sum(dim=1).float().mean().item(), 3),
+        "truncated": sum(rollout.truncated),
+        **{name: round(seconds, 3) for name, seconds in timings.items()},
+    }
+
+
+@dataclass
+class Rollout:
+    """Sampled answers: their text, the token ids the policy sampled, and which never ended."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # end-of-sequence included where the answer ended
+    truncated: list[bool]
+
+
+def generate(
+    models: Models, settings: Settings, conversations: list[list[Turn]], seeds: list[int], adapters: bool = True
+) -> Rollout:
+    """Sample answers through the back-end interface (batched, one seed per row).
+
+    PPO trains on the tokens that were sampled. Where the text was cut (a stop string, or the model
+    starting the next turn), the kept text is tokenised again and ended with end-of-sequence: the
+    answer ended there.
+    """
+    import contextlib
+
+    from constitutional.backends.transformers import TransformersBackend
+
+    policy, tokenizer = models.policy, models.tokenizer
+    backend = TransformersBackend(policy, tokenizer, "rl-policy", batch_size=len(conversations), share_prefix=False)
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, stop=STOP_STRINGS)
+    switch_off = policy.disable_adapter() if not adapters and settings.lora.enabled else contextlib.nullcontext()
+    policy.eval()
+    with switch_off:
+        raw = backend.generate([render_plain(turns, "assistant") for turns in conversations], params, seeds)
+    texts, token_ids, truncated = [], [], []
+    for text, ids in zip(raw, backend.last_token_ids):
+        kept = trim_at_turn_marker(text)
+        ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
+        if kept != tokenizer.decode(ids, skip_special_tokens=True).strip():
+            ids = tokenizer(" " + kept, add_special_tokens=False)["input_ids"] if kept else []
+            ended = True
+        if ended and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        texts.append(kept)
+        token_ids.append(ids or [tokenizer.eos_token_id])
+        truncated.append(not ended)
+    return Rollout(texts, token_ids, truncated)
+
+
+def encode(tokenizer: Any, conversations: list[list[Turn]], answers: list[list[int]], device: Any) -> dict[str, Any]:
+    """Prompts left-padded to width P, answers right-padded to width R, in one [B, P + R] batch.
+
+    Every answer then starts at column P, so the logits that predict answer tokens are the last
+    R + 1 positions of the model's output (minus the very last): the vocabulary head runs on those
+    only.
+    """
+    import torch
+
+    prompts = [tokenizer(render_plain(turns, "assistant"))["input_ids"] for turns in conversations]
+    width_p, width_r = max(map(len, prompts)), max(map(len, answers))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(prompts), width_p + width_r), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt)
+        input_ids[row, width_p : width_p + len(answer)] = torch.tensor(answer)
+        attention[row, width_p - len(prompt) : width_p + len(answer)] = 1
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids.to(device),  # [B, P + R]
+        "attention_mask": attention.to(device),  # [B, P + R]
+        "position_ids": position_ids.to(device),  # [B, P + R]
+        "response_ids": input_ids[:, width_p:].to(device),  # [B, R]
+        "response_mask": attention[:, width_p:].float().to(device),  # [B, R]
+        "prompt_width": width_p,
+    }
+
+
+def response_logprobs(model: Any, batch: dict[str, Any], with_entropy: bool = False) -> Any:
+    """Log-probabilities [B, R] of the answer tokens (and the mean entropy), the head applied to R positions only."""
+    import torch
+
+    from constitutional.rl.ppo import entropy_from_logits
+
+    width_r = batch["response_ids"].shape[1]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        logits_to_keep=width_r + 1, use_cache=False,
+    ).logits[:, :-1].float()  # fmt: skip  # [B, R, V]: position P-1+t predicts answer token t
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)  # [B, R]
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits, batch["response_mask"])
+    return logprobs, entropy
+
+
+def reference_logprobs(models: Models, batch: dict[str, Any]) -> Any:
+    """The frozen SL-CAI's log-probabilities of the same tokens: the policy without its adapters."""
+    if models.reference is not None:
+        return response_logprobs(models.reference, batch)
+    with models.policy.disable_adapter():
+        return response_logprobs(models.policy, batch)
+
+
+def response_values(value_model: Any, batch: dict[str, Any]) -> Any:
+    """Values [B, R]: the value head on the hidden state that precedes each answer token."""
+    width_r = batch["response_ids"].shape[1]
+    backbone = (
+        value_model.base_model
+        if not hasattr(value_model, "get_base_model")
+        else value_model.get_base_model().base_model
+    )
+    head = value_model.score if not hasattr(value_model, "get_base_model") else value_model.get_base_model().score
+    hidden = backbone(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False,
+    )[0]  # fmt: skip  # [B, P + R, H]
+    return head(hidden[:, -width_r - 1 : -1]).squeeze(-1).float()  # [B, R]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(accelerator: Any, directory: Path, step: int, kl_control: Any) -> None:
+    """Models, optimizer and RNG state (accelerate), then `state.json` last: present means complete."""
+    target = directory / f"step-{step}"
+    shutil.rmtree(target, ignore_errors=True)
+    accelerator.save_state(str(target), safe_serialization=True)
+    (target / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_control.value}) + "\n", encoding="utf-8")
+    for older in directory.glob("step-*"):
+        if older != target:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def resume(accelerator: Any, directory: Path, kl_control: Any) -> int:
+    """Load the newest complete checkpoint, if any; returns the step to continue from (0 to start)."""
+    complete = sorted(
+        (path for path in directory.glob("step-*") if (path / "state.json").exists()),
+        key=lambda path: int(path.name.split("-")[1]),
+    )
+    if not complete:
+        return 0
+    state = json.loads((complete[-1] / "state.json").read_text(encoding="utf-8"))
+    accelerator.load_state(str(complete[-1]))
+    kl_control.value = state["kl_coef"]
+    log.info("rl: resuming from %s", complete[-1])
+    return int(state["step"])
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop metric lines after `step` (written by a run that stopped before its next checkpoint)."""
+    if not path.exists():
+        return
+    kept = [row for row in read_records(path, repair=True) if row["step"] <= step]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    append_records(temporary, kept)
+    if not kept:
+        temporary.touch()
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- evaluation and plots
+
+
+def compare_on_held_out(
+    models: Models, settings: Settings, prompts: list[dict[str, Any]], seed: int, reward_fn: RewardFn, run_dir: RunDir
+) -> dict[str, Any]:
+    """Mean PM score of SL-CAI and RL-CAI answers to the held-out prompts (same seeds); samples saved."""
+    prompts = prompts[: settings.max_eval_prompts]
+    if not prompts:
+        return {}
+    conversations = [conversation(record) for record in prompts]
+    seeds = [seed_for(seed, "rl-eval", record["id"]) for record in prompts]
+    if models.reference is not None:
+        reference = Models(models.reference, models.value, models.tokenizer, None)
+        before = generate(reference, settings, conversations, seeds).texts
+    else:
+        before = generate(models, settings, conversations, seeds, adapters=False).texts
+    after = generate(models, settings, conversations, seeds).texts
+    scores_before, scores_after = reward_fn(conversations, before), reward_fn(conversations, after)
+    samples = [
+        {"id": record["id"], "kind": record["kind"], "prompt": record["prompt"], "sl_cai": a, "rl_cai": b,
+         "sl_cai_score": round(sa, 4), "rl_cai_score": round(sb, 4)}
+        for record, a, b, sa, sb in zip(prompts, before, after, scores_before, scores_after)
+    ]  # fmt: skip
+    path = run_dir.path("rl_samples")
+    path.unlink(missing_ok=True)
+    append_records(path, samples)
+    mean = lambda values: round(sum(values) / len(values), 4)  # noqa: E731
+    return {"held_out_prompts": len(prompts), "held_out_reward_sl_cai": mean(scores_before),
+            "held_out_reward_rl_cai": mean(scores_after)}  # fmt: skip
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Reward, KL, entropy, value loss, clip fraction and answer length per step, one panel each."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["mean_reward", "kl", "entropy", "value_loss", "clip_fraction", "response_length"]
+    figure, axes = plt.subplots(2, 3, figsize=(11, 6))
+    steps = [row["step"] for row in history]
+    for axis, name in zip(axes.flat, panels):
+        axis.plot(steps, [row[name] for row in history], marker=".")
+        axis.set_title(name.replace("_", " "))
+        axis.set_xlabel("PPO step")
+    figure.suptitle("RL-CAI training (PPO against the preference model)")
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- RLOO and GRPO
+
+
+def run_group(
+    config: CoreConfig, settings: Settings, run_dir: RunDir, prompts: dict[str, list[dict[str, Any]]],
+    reward_model: PreferenceModel,
+) -> dict[str, Any]:  # fmt: skip
+    """RLOO or GRPO through TRL's trainers, the PM as the reward, a KL penalty to SL-CAI.
+
+    Both sample `group_size` answers per prompt and use the group's other answers as the baseline
+    instead of a value model. GRPO's own default KL coefficient is 0 (no reference model at all):
+    not the paper's method, so `rl.kl_coef` (default 0.05) is passed as beta to both.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from constitutional.training import last_complete_checkpoint
+
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(
+        resolve_model_name(str(run_dir.path("sl_cai").resolve())), config.training.trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir.path("sl_cai")), dtype=torch.float32)
+
+    def pm_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+        # The prompts are plain transcripts ending in "Assistant:", as the PM reads them.
+        return reward_model.score_transcripts(
+            [prompt + " " + completion.strip() for prompt, completion in zip(prompts, completions)]
+        )
+
+    config_class, trainer_class = (
+        (GRPOConfig, GRPOTrainer) if settings.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    )
+    checkpoints = run_dir.checkpoints(NAME)
+    args = config_class(
+        output_dir=str(checkpoints), max_steps=settings.steps, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.rollout_batch_size, num_generations=settings.group_size,
+        max_completion_length=settings.max_new_tokens, temperature=settings.temperature, beta=settings.kl_coef,
+        seed=config.seed, logging_steps=1, save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
+        disable_tqdm=False, **trainer_arguments(config.training),
+    )  # fmt: skip
+    dataset = Dataset.from_list([{"prompt": render_plain(conversation(row), "assistant")} for row in prompts["train"]])
+    trainer = trainer_class(
+        model=model, reward_funcs=pm_reward, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=settings.lora.peft_config("CAUSAL_LM"),
+    )  # fmt: skip
+    resume_from = last_complete_checkpoint(checkpoints)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    history = [
+        {"step": entry["step"], "mean_reward": entry.get("reward"), "kl": entry.get("kl"),
+         "entropy": entry.get("entropy"), "response_length": entry.get("completions/mean_length"),
+         **{key: value for key, value in entry.items() if isinstance(value, (int, float))}}
+        for entry in trainer.state.log_history if "reward" in entry
+    ]  # fmt: skip
+    metrics_path = run_dir.path("rl_metrics")
+    metrics_path.unlink(missing_ok=True)
+    append_records(metrics_path, history)
+    plot_curves(
+        [{name: row.get(name) or 0.0 for name in ("step", "mean_reward", "kl", "entropy", "response_length")}
+         | {"value_loss": 0.0, "clip_fraction": row.get("clip_ratio/region_mean", 0.0) or 0.0} for row in history],
+        run_dir.path("rl_curves"),
+    )  # fmt: skip
+    policy = trainer.model
+    models = Models(
+        policy,
+        None,
+        tokenizer,
+        None if settings.lora.enabled else AutoModelForCausalLM.from_pretrained(str(run_dir.path("sl_cai"))),
+    )
+    evaluation = compare_on_held_out(models, settings, prompts["eval"], config.seed, reward_model.score, run_dir)
+    merged = policy.merge_and_unload() if settings.lora.enabled else policy
+    summary = {
+        "algorithm": settings.algorithm, "steps": trainer.state.global_step, "kl_coef": settings.kl_coef,
+        "final_kl": history[-1]["kl"] if history else None,
+        "final_mean_reward": history[-1]["mean_reward"] if history else None, **evaluation,
+    }  # fmt: skip
+    save_model_atomic(merged, tokenizer, run_dir.path("rl_cai"), summary, trainer.state)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def dpo_pairs(labels: list[dict[str, Any]], margin: float) -> tuple[list[dict[str, str]], int]:
+    """Soft labels -> (prompt, chosen, rejected); labels within `margin` of 0.5 are near-ties, dropped.
+
+    Returns:
+        The pairs in TRL's prompt/chosen/rejected format, and how many labels were dropped.
+    """
+    pairs, dropped = [], 0
+    for label in labels:
+        if abs(label["p_a"] - 0.5) < margin or math.isclose(label["p_a"], 0.5):
+            dropped += 1
+            continue
+        better, worse = (
+            (label["response_a"], label["response_b"])
+            if label["p_a"] > 0.5
+            else (label["response_b"], label["response_a"])
+        )
+        pairs.append({"prompt": render_plain(conversation(label), "assistant"), "chosen": " " + better.strip(),
+                      "rejected": " " + worse.strip()})  # fmt: skip
+    return pairs, dropped
+
+
+def run_dpo(config: CoreConfig, settings: Settings, run_dir: RunDir) -> dict[str, Any]:
+    """Offline DPO from SL-CAI on the AI labels (TRL's DPOTrainer; LoRA's disabled adapters are the reference)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    pairs, dropped = dpo_pairs(read_ai_labels(run_dir.path("ai_labels")), settings.dpo_margin)
+    if not pairs:
+        raise UserError(
+            f"{run_dir.path('ai_labels')}: every label is within rl.dpo_margin of 0.5; nothing to learn from"
+        )
+    tokenizer = load_tokenizer(
+        resolve_model_name(str(run_dir.path("sl_cai").resolve())), config.training.trust_remote_code
+    )
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir.path("sl_cai")), dtype=torch.float32)
+    args = DPOConfig(
+        output_dir=str(run_dir.checkpoints(NAME)), beta=settings.dpo_beta, learning_rate=settings.learning_rate,
+        num_train_epochs=settings.dpo_epochs, per_device_train_batch_size=settings.minibatch_size,
+        seed=config.seed, save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=False,
+        **{key: value for key, value in trainer_arguments(config.training).items() if key != "report_to"},
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+        peft_config=settings.lora.peft_config("CAUSAL_LM"),
+    )  # fmt: skip
+    result = trainer.train()
+    merged = trainer.model.merge_and_unload() if settings.lora.enabled else trainer.model
+    summary = {"algorithm": "dpo", "pairs": len(pairs), "dropped_near_ties": dropped,
+               "steps": trainer.state.global_step, "train_loss": round(result.training_loss, 6)}  # fmt: skip
+    save_model_atomic(merged, tokenizer, run_dir.path("rl_cai"), summary, trainer.state)
+    shutil.rmtree(run_dir.checkpoints(NAME), ignore_errors=True)
+    return summary
