@@ -56,7 +56,7 @@ def tiny_config_data(model_dir: Path, data_dir: Path, **sections: dict) -> dict:
         "critique": {"rounds": 2, "max_new_tokens": 8, "temperature": 0.8, "chunk_size": 2, "num_fewshot": 1},
         "transformers": {"dtype": "float32", "batch_size": 4},
         # The last two stages sized for seconds: a few built-in comparisons, two small PPO steps.
-        "pm": {"max_human": 32, "batch_size": 8, "max_length": 128, "eval_fraction": 0.25},
+        "pm": {"max_human": 32, "batch_size": 8, "max_length": 512, "eval_fraction": 0.25},
         "rl": {"steps": 2, "rollout_batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "lora": {"r": 4}},
     }
     for name, values in sections.items():

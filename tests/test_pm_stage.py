@@ -84,7 +84,8 @@ def separable_data(run_dir, folder, seed=0):
 def make_config(tmp_path, tiny_model_dir):
     def make(human, **pm_settings):
         settings = {"learning_rate": 3e-3, "batch_size": 8, "epochs": 4, "max_length": 64, "eval_fraction": 0.25,
-                    "save_steps": 1000, "logging_steps": 1, **pm_settings}  # fmt: skip
+                    "save_steps": 1000,
+        "max_human": None, "logging_steps": 1, **pm_settings}  # fmt: skip
         data = tiny_config_data(tiny_model_dir, tmp_path, pm=settings)
         data["data"]["human_preferences"] = str(human)
         return config_from_dict(data)

@@ -385,6 +385,11 @@ def train(training: TrainingSettings, settings: Settings, seed: int, init: Model
     model = load_sequence_classifier(init, training.trust_remote_code)
     checkpoints = run_dir.checkpoints(NAME)
     trainer = build_trainer(training, settings, seed, model, tokenizer, to_dataset(rows), checkpoints)
+    if len(trainer.train_dataset) == 0:
+        raise UserError(
+            f"{run_dir.path('pm_train')}: all {len(rows)} comparisons are longer than pm.max_length "
+            f"({settings.max_length} tokens); raise it"
+        )
     resume = last_complete_checkpoint(checkpoints)
     tokens_before = tokens_seen(resume)
     if resume:
