@@ -149,3 +149,12 @@ def test_group_baselines_through_trl_train_rl_cai_against_the_pm(run_dir, algori
 def test_group_size_must_divide_the_rollout_batch():
     with pytest.raises(UserError, match=r"rl.rollout_batch_size: expected a multiple of rl.group_size \(4\) for grpo"):
         make_config(algorithm="grpo", rollout_batch_size=6, group_size=4)
+
+
+def test_a_value_head_on_the_policy_can_replace_the_pm_critic(run_dir):
+    config = make_config(steps=3, value_model="policy_head")
+    rl.run_ppo(config, config.rl, run_dir, rl.split_prompts(run_dir, config.rl, config.seed), space_reward)
+    history = read_records(run_dir.path("rl_metrics"))
+    assert [row["step"] for row in history] == [1, 2, 3]
+    assert history[0]["mean_value"] == 0.0  # the new head starts at zero ...
+    assert history[1]["mean_value"] != 0.0 and history[2]["mean_value"] != 0.0  # ... and learns from the returns

@@ -61,6 +61,7 @@ ARTEFACTS: dict[str, Artefact] = {
     "rl_metrics": Artefact("eval/rl_metrics.jsonl", "rl"),
     "rl_curves": Artefact("eval/rl_curves.png", "rl"),
     "rl_samples": Artefact("eval/rl_samples.jsonl", "rl"),
+    "rl_tensorboard": Artefact("eval/tensorboard-rl", "rl"),  # only with training.report_to: tensorboard
     "eval_metrics": Artefact("eval/metrics.json", "eval"),
     "eval_report": Artefact("eval/report.html", "eval"),
 }

@@ -80,6 +80,7 @@ class Settings:
     vf_coef: float = 0.1
     whiten_rewards: bool = False
     missing_eos_penalty: float = 1.0  # subtracted from the PM score of an answer that hits max_new_tokens
+    value_model: Literal["pm", "policy_head"] = "pm"  # PPO's critic: initialised from the PM, or a head on the policy
     max_grad_norm: float = 1.0
     eval_fraction: float = 0.1  # prompts held out for the SL-CAI vs RL-CAI comparison
     max_eval_prompts: int = 16
@@ -186,13 +187,14 @@ class Models:
     """What PPO trains and reads: the policy (LoRA on SL-CAI), its reference, and the value model."""
 
     policy: Any
-    value: Any
+    value: Any  # the PM-initialised value model, or (value_model: policy_head) a linear head on the policy
     tokenizer: Any
     reference: Any | None  # None: the policy with its adapters switched off
+    value_on_policy: bool = False
 
 
 def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir, seed: int) -> Models:
-    """SL-CAI as the policy (LoRA adapters when `rl.lora.enabled`), the PM as the value model."""
+    """SL-CAI as the policy (LoRA when `rl.lora.enabled`); the value model from the PM, or a head on the policy."""
     import copy
 
     import torch
@@ -202,17 +204,25 @@ def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir,
     sl_cai = resolve_model_name(str(run_dir.path("sl_cai").resolve()))
     tokenizer = load_tokenizer(sl_cai, training.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(str(run_dir.path("sl_cai")), dtype=torch.float32)
-    value = AutoModelForSequenceClassification.from_pretrained(str(run_dir.path("pm")), dtype=torch.float32)
-    value.config.pad_token_id = tokenizer.pad_token_id
+    on_policy = settings.value_model == "policy_head"
+    if on_policy:
+        # A fresh linear value head on the policy's last hidden state; it shares the policy's body.
+        value = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
+        torch.nn.init.zeros_(value.weight)
+        torch.nn.init.zeros_(value.bias)
+    else:
+        value = AutoModelForSequenceClassification.from_pretrained(str(run_dir.path("pm")), dtype=torch.float32)
+        value.config.pad_token_id = tokenizer.pad_token_id
     reference = None
     if settings.lora.enabled:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, settings.lora.peft_config("CAUSAL_LM"))
-        value = get_peft_model(value, settings.lora.peft_config("SEQ_CLS"))
+        if not on_policy:
+            value = get_peft_model(value, settings.lora.peft_config("SEQ_CLS"))
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    return Models(policy, value, tokenizer, reference)
+    return Models(policy, value, tokenizer, reference, on_policy)
 
 
 def run_ppo(
@@ -256,10 +266,12 @@ def run_ppo(
     start = resume(accelerator, checkpoints, kl_control)
     metrics_path = run_dir.path("rl_metrics")
     _keep_metrics_up_to(metrics_path, start)
+    tracker = open_tracker(config.training.report_to, run_dir.path("rl_tensorboard"))
     for step in range(start, settings.steps):
         batch = _rollout_prompts(prompts["train"], settings.rollout_batch_size, step, config.seed)
         metrics = ppo_step(accelerator, models, optimizer, kl_control, settings, batch, step, config.seed, reward_fn)
         append_records(metrics_path, [metrics])
+        tracker(metrics)
         log.info(
             "rl step %d/%d: reward %.3f, kl %.3f, entropy %.3f, value loss %.4f, clip %.3f, length %.1f",
             step + 1, settings.steps, metrics["mean_reward"], metrics["kl"], metrics["entropy"],
@@ -284,6 +296,30 @@ def run_ppo(
     save_model_atomic(merged, models.tokenizer, run_dir.path("rl_cai"), summary)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
+
+
+def open_tracker(report_to: str, log_dir: Path) -> Callable[[dict[str, Any]], None]:
+    """A function that logs one step's metrics to TensorBoard or W&B (`training.report_to`), or does nothing."""
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+
+        def to_tensorboard(metrics: dict[str, Any]) -> None:
+            for name, value in metrics.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(f"rl/{name}", value, metrics["step"])
+            writer.flush()
+
+        return to_tensorboard
+    if report_to == "wandb":
+        import wandb
+
+        wandb.init(project="constitutional", job_type="rl", resume="allow")
+        return lambda metrics: wandb.log(
+            {f"rl/{k}": v for k, v in metrics.items() if k != "step"}, step=metrics["step"]
+        )
+    return lambda metrics: None
 
 
 def _rollout_prompts(train: list[dict[str, Any]], size: int, step: int, seed: int) -> list[dict[str, Any]]:
@@ -322,7 +358,7 @@ def ppo_step(
     with torch.no_grad():
         old_logprobs = response_logprobs(models.policy, batch)  # [B, R]
         ref_logprobs = reference_logprobs(models, batch)  # [B, R]
-        old_values = response_values(models.value, batch)  # [B, R]
+        old_values = response_values(models, batch)  # [B, R]
     rewards, kl = ppo.token_rewards(
         penalised.to(mask.device), old_logprobs, ref_logprobs, mask, kl_control.value, settings.kl_estimator
     )
@@ -342,7 +378,7 @@ def ppo_step(
             part = {key: value[rows] for key, value in batch.items() if hasattr(value, "shape")}
             part["prompt_width"] = batch["prompt_width"]
             logprobs, entropy = response_logprobs(models.policy, part, with_entropy=True)
-            values = response_values(models.value, part)
+            values = response_values(models, part)
             policy_loss, clipped = ppo.clipped_policy_loss(
                 logprobs, old_logprobs[rows], advantages[rows], mask[rows], settings.clip_range
             )
@@ -373,6 +409,7 @@ def ppo_step(
         "mean_penalised_reward": round(penalised.mean().item(), 6),
         "kl": round(sequence_kl.mean().item(), 6),
         "kl_coef": kl_control.value,
+        "mean_value": round(ppo.masked_mean(old_values, mask).item(), 6),  # the critic's estimate, before updates
         **{name: round(sum(values) / len(values), 6) for name, values in stats.items()},
         "response_length": round(mask.sum(dim=1).float().mean().item(), 3),
         "truncated": sum(rollout.truncated),
@@ -480,9 +517,16 @@ def reference_logprobs(models: Models, batch: dict[str, Any]) -> Any:
         return response_logprobs(models.policy, batch)
 
 
-def response_values(value_model: Any, batch: dict[str, Any]) -> Any:
+def response_values(models: Models, batch: dict[str, Any]) -> Any:
     """Values [B, R]: the value head on the hidden state that precedes each answer token."""
     width_r = batch["response_ids"].shape[1]
+    if models.value_on_policy:
+        hidden = models.policy(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+            output_hidden_states=True, logits_to_keep=1, use_cache=False,
+        ).hidden_states[-1]  # fmt: skip  # [B, P + R, H]
+        return models.value(hidden[:, -width_r - 1 : -1]).squeeze(-1).float()  # [B, R]
+    value_model = models.value
     backbone = (
         value_model.base_model
         if not hasattr(value_model, "get_base_model")
@@ -551,7 +595,7 @@ def compare_on_held_out(
     conversations = [conversation(record) for record in prompts]
     seeds = [seed_for(seed, "rl-eval", record["id"]) for record in prompts]
     if models.reference is not None:
-        reference = Models(models.reference, models.value, models.tokenizer, None)
+        reference = Models(models.reference, None, models.tokenizer, None)
         before = generate(reference, settings, conversations, seeds).texts
     else:
         before = generate(models, settings, conversations, seeds, adapters=False).texts
