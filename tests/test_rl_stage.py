@@ -158,3 +158,26 @@ def test_a_value_head_on_the_policy_can_replace_the_pm_critic(run_dir):
     assert [row["step"] for row in history] == [1, 2, 3]
     assert history[0]["mean_value"] == 0.0  # the new head starts at zero ...
     assert history[1]["mean_value"] != 0.0 and history[2]["mean_value"] != 0.0  # ... and learns from the returns
+
+
+def test_the_bf16_sampler_gets_the_merged_policy_or_sl_cai(run_dir):
+    import copy
+
+    config = make_config(lora={"enabled": True, "r": 4, "alpha": 8})
+    models = rl.load_models(config.training, config.rl, run_dir, config.seed)
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: non-zero adapters
+        for name, parameter in models.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    sampler = AutoModelForCausalLM.from_pretrained(run_dir.path("sl_cai"), dtype=torch.bfloat16)
+    merged = copy.deepcopy(models.policy).merge_and_unload().state_dict()
+    rl.sync_sampler(models.policy, sampler, lora=True, merge=True)
+    for name, tensor in sampler.state_dict().items():
+        torch.testing.assert_close(tensor, merged[name].to(torch.bfloat16))
+    rl.sync_sampler(models.policy, sampler, lora=True, merge=False)
+    original = AutoModelForCausalLM.from_pretrained(run_dir.path("sl_cai")).state_dict()
+    for name, tensor in sampler.state_dict().items():
+        torch.testing.assert_close(tensor, original[name].to(torch.bfloat16))
+    # The policy itself is left as it was: adapters not merged.
+    assert not any(getattr(module, "merged", False) for module in models.policy.modules())

@@ -191,6 +191,7 @@ class Models:
     tokenizer: Any
     reference: Any | None  # None: the policy with its adapters switched off
     value_on_policy: bool = False
+    sampler: Any | None = None  # a bf16 copy of the policy for rollouts, where the hardware has native bf16
 
 
 def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir, seed: int) -> Models:
@@ -199,6 +200,8 @@ def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir,
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    from constitutional.backends.transformers import choose_dtype
 
     set_seed(seed)
     sl_cai = resolve_model_name(str(run_dir.path("sl_cai").resolve()))
@@ -222,7 +225,10 @@ def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir,
             value = get_peft_model(value, settings.lora.peft_config("SEQ_CLS"))
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    return Models(policy, value, tokenizer, reference, on_policy)
+    sampler = None
+    if choose_dtype("auto", "cpu" if trainer_arguments(training)["use_cpu"] else "cuda") == torch.bfloat16:
+        sampler = AutoModelForCausalLM.from_pretrained(str(run_dir.path("sl_cai")), dtype=torch.bfloat16).eval()
+    return Models(policy, value, tokenizer, reference, on_policy, sampler)
 
 
 def run_ppo(
@@ -440,10 +446,13 @@ def generate(
     from constitutional.backends.transformers import TransformersBackend
 
     policy, tokenizer = models.policy, models.tokenizer
-    backend = TransformersBackend(policy, tokenizer, "rl-policy", batch_size=len(conversations), share_prefix=False)
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, stop=STOP_STRINGS)
     switch_off = policy.disable_adapter() if not adapters and settings.lora.enabled else contextlib.nullcontext()
     policy.eval()
+    if models.sampler is not None:
+        sync_sampler(policy, models.sampler, settings.lora.enabled, merge=adapters)
+        policy, switch_off = models.sampler, contextlib.nullcontext()
+    backend = TransformersBackend(policy, tokenizer, "rl-policy", batch_size=len(conversations), share_prefix=False)
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, stop=STOP_STRINGS)
     with switch_off:
         raw = backend.generate([render_plain(turns, "assistant") for turns in conversations], params, seeds)
     texts, token_ids, truncated = [], [], []
@@ -459,6 +468,27 @@ def generate(
         token_ids.append(ids or [tokenizer.eos_token_id])
         truncated.append(not ended)
     return Rollout(texts, token_ids, truncated)
+
+
+def sync_sampler(policy: Any, sampler: Any, lora: bool, merge: bool = True) -> None:
+    """Copy the policy's current weights (LoRA merged in when `merge`, else SL-CAI's) into the bf16 sampler.
+
+    Sampling in bf16 is about twice as fast on hardware that has it; a copy per step costs well under
+    a second. The log-probabilities PPO trains on are recomputed in the policy's own precision.
+    """
+    import torch
+
+    with torch.no_grad():
+        if lora and merge:
+            policy.merge_adapter()
+        source = policy.get_base_model() if lora else policy
+        targets = dict(sampler.named_parameters())
+        for name, parameter in source.named_parameters():
+            if "lora_" in name:
+                continue
+            targets[name.replace(".base_layer", "")].copy_(parameter)
+        if lora and merge:
+            policy.unmerge_adapter()
 
 
 def encode(tokenizer: Any, conversations: list[list[Turn]], answers: list[list[int]], device: Any) -> dict[str, Any]:
