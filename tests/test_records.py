@@ -114,3 +114,15 @@ def test_fingerprints_follow_content_and_archive_moves_without_deleting(tmp_path
     assert json.loads((target / "manifest.json").read_text())["stages"]["pairs"]["status"] == "done"
     assert run.stage_status("pairs") == "pending" and run.path("sl_cai").exists()
     assert run.archive(["pairs"]) != target  # a second archive in the same second gets its own folder
+
+
+def test_write_records_atomic_replaces_the_whole_file(tmp_path):
+    from constitutional.records import write_records_atomic
+
+    path = tmp_path / "new" / "rows.jsonl"
+    write_records_atomic(path, [PAIR, {**PAIR, "id": "p2"}])
+    assert [row["id"] for row in read_records(path)] == ["p1", "p2"]
+    write_records_atomic(path, [{**PAIR, "id": "p3"}])
+    assert [row["id"] for row in read_records(path)] == ["p3"]
+    write_records_atomic(path, [])
+    assert path.exists() and read_records(path) == [] and not path.with_name("rows.jsonl.tmp").exists()

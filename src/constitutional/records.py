@@ -89,6 +89,16 @@ def append_records(path: Path, records: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
+def write_records_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace a record file as a whole: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    append_records(temporary, records)
+    temporary.touch()  # an empty record set is an empty file
+    os.replace(temporary, path)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,11 +217,12 @@ def append_in_chunks(
         item_id: the record id an item turns into.
         open_model: loads the back end (called once, only if there is work; closed at the end).
         process: makes the records of one chunk from (back end, chunk, progress callback taking a
-            number of `unit`s done). It may return fewer records than items: a dropped item is
-            tried again on resume.
+            number of `unit`s done; optional: what it leaves unreported is counted when the chunk
+            is finished). It may return fewer records than items: a dropped item is tried again
+            on resume.
         chunk_size: items per chunk.
         desc, unit: progress bar label and unit.
-        units: how many progress units an item is worth (e.g. generated turns); `process` reports them.
+        units: how many progress units an item is worth (e.g. generated turns).
 
     Returns:
         The number of items that were still to do.
@@ -224,8 +235,17 @@ def append_in_chunks(
     backend = open_model()
     try:
         with tqdm(total=sum(units(item) for item in todo), desc=desc, unit=unit) as bar:
+            reported = 0
+
+            def advance(count: int) -> None:
+                nonlocal reported
+                reported += count
+                bar.update(count)
+
             for start in range(0, len(todo), chunk_size):
-                append_records(output, process(backend, list(todo[start : start + chunk_size]), bar.update))
+                chunk, before = list(todo[start : start + chunk_size]), reported
+                append_records(output, process(backend, chunk, advance))
+                bar.update(sum(units(item) for item in chunk) - (reported - before))  # what `process` left unsaid
     finally:
         backend.close()
     return len(todo)

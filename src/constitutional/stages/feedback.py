@@ -70,9 +70,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: C
     pairs = read_pairs(run_dir.path("pairs"))
 
     def process(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
-        labels = label_comparisons(backend, constitution, chunk, settings, config.seed)
-        advance(len(chunk))
-        return labels
+        return label_comparisons(backend, constitution, chunk, settings, config.seed)
 
     output = run_dir.path("ai_labels")
     append_in_chunks(

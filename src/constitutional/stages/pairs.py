@@ -81,9 +81,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: ModelSp
     )
 
     def process(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
-        pairs = sample_pairs(backend, chunk, params, config.seed)
-        advance(len(chunk))
-        return pairs
+        return sample_pairs(backend, chunk, params, config.seed)
 
     output = run_dir.path("pairs")
     append_in_chunks(

@@ -43,11 +43,12 @@ from constitutional.preference import PreferenceModel, pm_transcript, soft_bradl
 from constitutional.prompts import STOP_STRINGS
 from constitutional.records import (
     append_in_chunks,
-    append_records,
     conversation,
     read_ai_labels,
     read_critiques,
     read_records,
+    write_json_atomic,
+    write_records_atomic,
 )
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, ModelSpec, runtime
@@ -227,8 +228,8 @@ def write_mix(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: I
     train_rows, eval_rows = split_by_conversation(rows, settings.eval_fraction, config.seed)
     train_rows = mix(train_rows, settings.helpful_fraction, config.seed)
     if not (train_path.exists() and eval_path.exists()):
-        _write_atomically(train_path, train_rows)
-        _write_atomically(eval_path, eval_rows)
+        write_records_atomic(train_path, train_rows)
+        write_records_atomic(eval_path, eval_rows)
     return {
         "train": _count_by_source(read_records(train_path)),
         "eval": _count_by_source(read_records(eval_path)),
@@ -313,13 +314,6 @@ def _count_by_source(rows: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
-def _write_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    append_records(temporary, rows)
-    os.replace(temporary, path)
-
-
 def ai_helpfulness_labels(
     config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs
 ) -> list[dict[str, Any]]:
@@ -336,9 +330,7 @@ def ai_helpfulness_labels(
     params = SamplingParams(max_new_tokens=settings.helpfulness_max_new_tokens, temperature=1.0, stop=STOP_STRINGS)
 
     def sample(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
-        pairs = sample_pairs(backend, chunk, params, config.seed)
-        advance(len(chunk))
-        return pairs
+        return sample_pairs(backend, chunk, params, config.seed)
 
     pairs_path = run_dir.path("helpful_pairs")
     append_in_chunks(
@@ -350,11 +342,8 @@ def ai_helpfulness_labels(
     options = LabelOptions()
 
     def label(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict[str, Any]]:
-        labels = label_comparisons(
-            backend, constitution, chunk, options, config.seed, principles=constitution.helpfulness_principles
-        )
-        advance(len(chunk))
-        return labels
+        helpfulness = constitution.helpfulness_principles
+        return label_comparisons(backend, constitution, chunk, options, config.seed, principles=helpfulness)
 
     labels_path = run_dir.path("ai_helpfulness")
     append_in_chunks(
@@ -556,11 +545,7 @@ def evaluate(settings: Settings, run_dir: RunDir, harmlessness: list[dict[str, A
             source, report["accuracy"][source]["pm"], report["accuracy"][source]["length_baseline"], len(rows),
             report["calibration"][source]["ece"],
         )  # fmt: skip
-    path = run_dir.path("pm_report")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json_atomic(run_dir.path("pm_report"), report)
     plot_calibration(points, settings.calibration_bins, run_dir.path("pm_calibration"))
     return report
 

@@ -36,8 +36,15 @@ from constitutional.errors import UserError
 from constitutional.models import load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel
 from constitutional.prompts import STOP_STRINGS, Turn, render_plain, trim_at_turn_marker
-from constitutional.records import append_records, conversation, read_ai_labels, read_critiques, read_records
-from constitutional.rundir import RunDir
+from constitutional.records import (
+    append_records,
+    conversation,
+    read_ai_labels,
+    read_critiques,
+    read_records,
+    write_records_atomic,
+)
+from constitutional.rundir import ARTEFACTS, RunDir
 from constitutional.sections import CoreConfig, runtime
 from constitutional.seeding import rng_for, seed_for
 from constitutional.training import (
@@ -132,11 +139,12 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: None) -
     Returns:
         Counts for the manifest: which algorithm ran, steps, final KL, held-out rewards.
     """
-    for artefact in reads(config, settings):
-        path = run_dir.path(artefact)
-        if not path.exists():
-            maker = {"critiques": "critique", "sl_cai": "sl", "pm": "pm", "ai_labels": "feedback"}[artefact]
-            raise UserError(f"{path}: not found; make it with `cai run CONFIG --stages {maker}` first")
+    for artefact in reads(config, settings):  # also when called directly, outside the pipeline's check
+        if not run_dir.path(artefact).exists():
+            maker = ARTEFACTS[artefact].made_by
+            raise UserError(
+                f"{run_dir.path(artefact)}: not found; make it with `cai run CONFIG --stages {maker}` first"
+            )
     output = run_dir.path("rl_cai")
     if is_complete_model(output):
         log.info("rl: %s already exists, not training again", output)
@@ -168,10 +176,7 @@ def split_prompts(run_dir: RunDir, settings: Settings, seed: int) -> dict[str, l
             rows.append({**row, "split": "eval" if held_out else "train"})
         if not any(row["split"] == "eval" for row in rows) and len(rows) > 1:
             rows[-1]["split"] = "eval"  # a tiny prompt set still gets one held-out prompt
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.unlink(missing_ok=True)
-        append_records(temporary, rows)
-        os.replace(temporary, path)
+        write_records_atomic(path, rows)
     rows = read_records(path)
     split = {"train": [r for r in rows if r["split"] == "train"], "eval": [r for r in rows if r["split"] == "eval"]}
     if not split["train"]:
@@ -603,13 +608,7 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
     """Drop metric lines after `step` (written by a run that stopped before its next checkpoint)."""
     if not path.exists():
         return
-    kept = [row for row in read_records(path, repair=True) if row["step"] <= step]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    append_records(temporary, kept)
-    if not kept:
-        temporary.touch()
-    os.replace(temporary, path)
+    write_records_atomic(path, [row for row in read_records(path, repair=True) if row["step"] <= step])
 
 
 # ----------------------------------------------------------------------------- evaluation and plots
@@ -636,9 +635,7 @@ def compare_on_held_out(
          "sl_cai_score": round(sa, 4), "rl_cai_score": round(sb, 4)}
         for record, a, b, sa, sb in zip(prompts, before, after, scores_before, scores_after)
     ]  # fmt: skip
-    path = run_dir.path("rl_samples")
-    path.unlink(missing_ok=True)
-    append_records(path, samples)
+    write_records_atomic(run_dir.path("rl_samples"), samples)
     mean = lambda values: round(sum(values) / len(values), 4)  # noqa: E731
     return {"held_out_prompts": len(prompts), "held_out_reward_sl_cai": mean(scores_before),
             "held_out_reward_rl_cai": mean(scores_after)}  # fmt: skip
@@ -724,9 +721,7 @@ def run_group(
          **{key: value for key, value in entry.items() if isinstance(value, (int, float))}}
         for entry in trainer.state.log_history if "reward" in entry
     ]  # fmt: skip
-    metrics_path = run_dir.path("rl_metrics")
-    metrics_path.unlink(missing_ok=True)
-    append_records(metrics_path, history)
+    write_records_atomic(run_dir.path("rl_metrics"), history)
     plot_curves(
         [{name: row.get(name) or 0.0 for name in ("step", "mean_reward", "kl", "entropy", "response_length")}
          | {"value_loss": 0.0, "clip_fraction": row.get("clip_ratio/region_mean", 0.0) or 0.0} for row in history],
