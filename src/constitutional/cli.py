@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ harmlessness labels.
 Stages, in order: critique (answer red-team prompts, critique and revise them against
 sampled principles), sl (fine-tune the pretrained model on the revisions), pairs (sample two
 answers per prompt), feedback (AI preference labels), pm (preference model), rl (PPO against the
-PM), eval. Built so far: {built}.
+PM), eval (Elo, harm, evasiveness and the HTML report). Stages: {built}.
 """
 
 EPILOG = """\
@@ -28,6 +29,7 @@ examples:
   cai run configs/quickstart.yaml --run-dir runs/try2 --set critique.rounds=2 --set data.max_red_team=8
   cai run my.yaml --stages critique --set models.helpful=./my-model --set models.helpful.backend=openai
   cai run configs/quickstart.yaml --set feedback.cot=true --rerun     (an ablation on the same run)
+  cai report runs/quickstart                                           (rebuild runs/quickstart/eval/report.html)
 
 Interrupt a run at any point and run the same command again: finished work is kept and the run
 continues where it stopped. Changing a setting of a stage that already ran is refused (exit 2,
@@ -86,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--responses", required=True, metavar="FILE")
     score.add_argument("--batch-size", type=int, default=8, metavar="N")
 
+    report = commands.add_parser(
+        "report",
+        help="rebuild RUN_DIR/eval/report.html from the run directory",
+        description=(
+            "Rebuild the run's self-contained HTML report from RUN_DIR alone (no model is loaded) and print the "
+            "headline table. Parts of the run that are missing are listed in the report and on stderr."
+        ),
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+
     prepare = commands.add_parser(
         "prepare-model",
         help="convert a model (default: the embedded one) into the local cache ahead of a run",
@@ -109,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_run(args)
         if args.command == "score":
             return command_score(args)
+        if args.command == "report":
+            return command_report(args)
         return command_prepare_model(args)
     except UserError as error:
         print(f"cai: error: {error}", file=sys.stderr)
@@ -127,12 +141,42 @@ def command_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     run = run_pipeline(config, run_dir, stages, rerun=args.rerun)
     print(f"done: {run.root} ({', '.join(stages)})")
+    if "eval" in stages:
+        print_headline(run.root)
     return 0
 
 
-def command_score(args: argparse.Namespace) -> int:
-    import json
+def command_report(args: argparse.Namespace) -> int:
+    from constitutional.evaluation.report import missing_parts, write_report
+    from constitutional.rundir import RunDir
 
+    run = RunDir(Path(args.run_dir))
+    write_report(run)
+    metrics = json.loads(run.path("eval_metrics").read_text()) if run.path("eval_metrics").exists() else None
+    for item in missing_parts(run, run.read_manifest(), metrics):
+        print(f"missing: {item}", file=sys.stderr)
+    print_headline(run.root)
+    return 0
+
+
+def print_headline(root: Path) -> None:
+    """The report's path and the headline table (the end of `make demo`)."""
+    from constitutional.evaluation.metrics import headline_rows, text_table
+    from constitutional.rundir import RunDir
+
+    run = RunDir(root)
+    if run.path("eval_metrics").exists():
+        metrics = json.loads(run.path("eval_metrics").read_text(encoding="utf-8"))
+        print(
+            f"\nHeadline figures (judge: {metrics['judge']}; Elo relative to the helpful model, 95% interval; "
+            "harm 0-4, chance 2.0; evasive and over-refusal: pattern share (judge share)):"
+        )
+        print(text_table(headline_rows(metrics)))
+    if run.path("eval_report").exists():
+        print(f"\nreport: {run.path('eval_report').resolve()}")
+
+
+def command_score(args: argparse.Namespace) -> int:
     from constitutional.preference import PreferenceModel
     from constitutional.records import conversation
     from constitutional.rundir import RunDir

@@ -82,7 +82,7 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
         log.info("%s: already done with these settings, skipping", name)
         return
     settings = getattr(config, name)
-    upstream = {artefact: run.fingerprint(artefact) for artefact in module.reads(config, settings)}
+    upstream = {artefact: run.fingerprint(artefact) for artefact in all_reads(config, module)}
     run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream})
     try:
         counts = module.run(config, settings, run, inputs)
@@ -120,7 +120,7 @@ def find_stale(
             if key in recorded and recorded[key] != current[key]
         ]
         recorded_inputs = entry.get("inputs", {})
-        for artefact in module.reads(config, getattr(config, name)):
+        for artefact in all_reads(config, module):
             if artefact in recorded_inputs and run.fingerprint(artefact) != recorded_inputs[artefact]:
                 reasons.append(f"{ARTEFACTS[artefact].path} changed")
         if name in inputs:
@@ -177,6 +177,13 @@ def check_upstream(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def all_reads(config: Any, module: ModuleType) -> list[str]:
+    """What a stage reads: its required artefacts, then those it uses when present (`optional_reads`)."""
+    settings = getattr(config, module.NAME)
+    optional = getattr(module, "optional_reads", None)
+    return module.reads(config, settings) + (optional(config, settings) if optional else [])
 
 
 def _describe(error: BaseException) -> str:

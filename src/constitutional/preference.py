@@ -119,6 +119,9 @@ class PreferenceModel:
         """Scores of ready-made transcripts (`pm_transcript` output), for callers that hold text only."""
         return self._score_ids([self._encode(text) for text in transcripts])
 
+    def close(self) -> None:
+        """Nothing to release (the interface of back ends, so the chunk loop can hold a PM)."""
+
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text + self.tokenizer.eos_token)["input_ids"]
         return ids[-self.max_length :]

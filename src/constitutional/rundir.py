@@ -8,6 +8,7 @@ RUN_DIR/
   data/ai_labels.jsonl     feedback    data/pm_train.jsonl, data/pm_eval.jsonl   pm
   models/sl-cai/           sl          models/pm/   pm       models/rl-cai/   rl
   eval/pm.json, eval/pm_calibration.png   pm                 eval/metrics.json, eval/report.html   eval
+  models/*/README.md       model cards (written by eval; not part of a model's fingerprint)
   checkpoints/<stage>/     training checkpoints (resume only)
   cache/generations.sqlite the generation cache
   previous/<time>/         outputs replaced by `--rerun`, with the config and manifest they came from
@@ -34,6 +35,7 @@ from constitutional.records import file_sha256, package_versions, write_json_ato
 log = logging.getLogger(__name__)
 
 STAGE_STATUSES = ("pending", "running", "done", "failed")
+MODEL_CARD = "README.md"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ ARTEFACTS: dict[str, Artefact] = {
     "rl_curves": Artefact("eval/rl_curves.png", "rl"),
     "rl_samples": Artefact("eval/rl_samples.jsonl", "rl"),
     "rl_tensorboard": Artefact("eval/tensorboard-rl", "rl"),  # only with training.report_to: tensorboard
+    "eval_prompts": Artefact("eval/prompts.jsonl", "eval"),
+    "eval_answers": Artefact("eval/answers.jsonl", "eval"),
+    "eval_judgments": Artefact("eval/judgments.jsonl", "eval"),
     "eval_metrics": Artefact("eval/metrics.json", "eval"),
     "eval_report": Artefact("eval/report.html", "eval"),
 }
@@ -165,14 +170,15 @@ class RunDir:
 
         Record files are hashed whole (cheap). Model folders are fingerprinted by their files'
         names, sizes and modification times: hashing tens of gigabytes of weights on every run
-        would cost minutes, and a model folder only ever changes by being replaced.
+        would cost minutes, and a model folder only ever changes by being replaced. Its model card
+        (README.md, written by stage `eval`) is documentation, not the model, and is left out.
         """
         path = self.path(artefact)
         if path.is_file():
             return file_sha256(path)[:16]
         if path.is_dir():
             digest = hashlib.sha256()
-            for file in sorted(item for item in path.rglob("*") if item.is_file()):
+            for file in sorted(item for item in path.rglob("*") if item.is_file() and item.name != MODEL_CARD):
                 stat = file.stat()
                 digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
             return digest.hexdigest()[:16]

@@ -212,6 +212,16 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
         return value
     if dataclasses.is_dataclass(annotation):
         return build(annotation, value, f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {_show(value)}")
+        (inner,) = typing.get_args(annotation)
+        return [_convert(inner, item, f"{key}[{index}]") for index, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {_show(value)}")
+        _, inner = typing.get_args(annotation)
+        return {str(name): _convert(inner, item, f"{key}.{name}") for name, item in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise UserError(f"{key}: expected true or false, got {_show(value)}")
@@ -243,6 +253,13 @@ def flatten(section: Any, prefix: str, *, skip_runtime: bool = True) -> dict[str
         prefix: its key path ("critique").
         skip_runtime: leave out `runtime(...)` fields (for fingerprints).
     """
+    if isinstance(section, dict):
+        entries: dict[str, Any] = {}
+        for name, item in section.items():
+            entries.update(flatten(item, f"{prefix}.{name}", skip_runtime=skip_runtime))
+        return entries or {prefix: {}}
+    if isinstance(section, list):
+        return {prefix: [dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item for item in section]}
     if not dataclasses.is_dataclass(section):
         return {prefix: section}
     values: dict[str, Any] = {}

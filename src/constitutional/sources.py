@@ -11,9 +11,10 @@ A source is named by a spec string (config keys `data.red_team`, `data.helpful`,
 
 Rows are read the same way whatever the container: the first field present of `prompt`,
 `chosen` (an HH-RLHF transcript), `instruction` (self-instruct or Alpaca style), `question`,
-`text`. Prompt ids are content hashes, so the same prompt from two files gets the same id and
-duplicates collapse. Every problem with the input is a one-line `UserError` naming the file and,
-where there is one, the line.
+`text`, `goal` (AdvBench, HarmBench), `Behavior` (HarmBench's CSV), `turns` (a list of user turns,
+as in MT-Bench: the first one is the prompt); or the one field a caller names. Prompt ids are
+content hashes, so the same prompt from two files gets the same id and duplicates collapse. Every
+problem with the input is a one-line `UserError` naming the file and, where there is one, the line.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import io
 import json
 import logging
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,7 @@ Row = Any  # a dict (or, in .json lists and JSONL, a bare string) as read from t
 
 HUMAN_MARKER = "\n\nHuman:"
 ASSISTANT_MARKER = "\n\nAssistant:"
-PROMPT_FIELDS = ("prompt", "chosen", "instruction", "question", "text")
+PROMPT_FIELDS = ("prompt", "chosen", "instruction", "question", "text", "goal", "Behavior", "turns")
 FILE_TYPES = (".jsonl", ".json", ".csv", ".txt")
 
 
@@ -149,6 +150,8 @@ def load_prompts(
     limit: int | None = None,
     base_dir: str | Path = ".",
     builtin: str | None = None,
+    field: str | None = None,
+    exclude: Collection[str] = (),
 ) -> list[PromptItem]:
     """Load prompts from a built-in set, a local file or a Hugging Face dataset.
 
@@ -158,6 +161,9 @@ def load_prompts(
         limit: keep at most this many prompts (the first ones, after de-duplication).
         base_dir: folder that relative paths (and local `hf:` folders) are resolved against.
         builtin: the asset file that "builtin" means, e.g. "red_team_prompts.jsonl".
+        field: read the prompt from this field only (default: the first of PROMPT_FIELDS present).
+        exclude: prompt texts to skip (e.g. the prompts a model was trained on); skipped prompts
+            do not count towards `limit`.
 
     Returns:
         PromptItems in source order, ids unique (the first of duplicates kept).
@@ -171,7 +177,9 @@ def load_prompts(
     for where, row in rows:
         if limit is not None and len(items) >= limit:
             break  # stop reading early: large datasets need not be parsed past the cap
-        prompt, history = _prompt_from_row(row, where)
+        prompt, history = _prompt_from_row(row, where, field)
+        if prompt in exclude:
+            continue
         item = PromptItem(_content_id(prefix, history, prompt), prompt, history)
         items.setdefault(item.id, item)
     if not items and limit != 0:
@@ -249,15 +257,19 @@ def _content_id(prefix: str, history: tuple[Turn, ...], *texts: str) -> str:
 # --------------------------------------------------------------------------- rows
 
 
-def _prompt_from_row(row: Row, where: str) -> tuple[str, tuple[Turn, ...]]:
+def _prompt_from_row(row: Row, where: str, field: str | None = None) -> tuple[str, tuple[Turn, ...]]:
     """(prompt, history) from one row; `where` ("file:LINE") prefixes any error."""
     if isinstance(row, str):
         return _require_text(row, "prompt", where), ()
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object or string, got {type(row).__name__}")
-    field = next((name for name in PROMPT_FIELDS if row.get(name) is not None), None)
+    if field is not None and row.get(field) is None:
+        raise UserError(f"{where}: no field {field!r}")
+    field = field or next((name for name in PROMPT_FIELDS if row.get(name) is not None), None)
     if field is None:
         raise UserError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})")
+    if field == "turns":
+        return _first_turn(row[field], where), ()
     value = _require_text(row[field], field, where)
     history = _explicit_history(row, where)
     if field == "chosen" or (field == "prompt" and _looks_like_transcript(value)):
@@ -266,6 +278,13 @@ def _prompt_from_row(row: Row, where: str) -> tuple[str, tuple[Turn, ...]]:
     if field == "instruction":
         value = _with_input(value, row)
     return value, history
+
+
+def _first_turn(turns: Any, where: str) -> str:
+    """The first user turn of a `turns` list (MT-Bench style; later turns depend on the answers)."""
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: field 'turns' must be a non-empty list of strings")
+    return _require_text(turns[0], "turns[0]", where)
 
 
 def _require_text(value: Any, field: str, where: str) -> str:

@@ -9,6 +9,8 @@ The stage contract: a stage module has
   records them, and a later run that changes one makes the stage stale;
 - `reads(config, settings) -> [artefact]`: the artefacts of the run directory it reads (names from
   `rundir.ARTEFACTS`; which stage makes each is recorded there);
+- optionally `optional_reads(config, settings) -> [artefact]`: artefacts it uses when they exist
+  (stage `eval` evaluates whatever the run has); fingerprinted like `reads`, never required;
 - `check(config, settings) -> inputs`: loads and validates everything it reads from outside the
   run directory, writing nothing (every stage is checked before the first one runs);
 - `input_hashes(inputs) -> {name: fingerprint}` of those outside inputs;
@@ -21,8 +23,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# The paper's order; rl and eval are on their way.
-STAGES = ("critique", "sl", "pairs", "feedback", "pm", "rl")
+# The paper's order, then the evaluation.
+STAGES = ("critique", "sl", "pairs", "feedback", "pm", "rl", "eval")
 
 
 def stage_module(name: str) -> ModuleType:

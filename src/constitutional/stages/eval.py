@@ -1,0 +1,580 @@
+"""Stage `eval`: the paper's evaluations of every model of the run, and the run report.
+
+The models — the helpful model, SL-CAI, RL-CAI, and any `eval.models` named in config — answer
+held-out prompts: red-team prompts, helpfulness prompts, and prompts that sound dangerous but are
+safe to answer (over-refusal). Prompts any model of the run was trained on (those of
+`data/critiques.jsonl`, which SL-CAI, the pairs and RL all come from, and those of the PM's training
+comparisons) are skipped; the split is kept in `eval/prompts.jsonl`.
+
+A judge then reads the answers:
+- Elo (paper figures 2-3): per prompt and pair of models, which answer is better — by the run's PM
+  (`eval.judge: pm`, sigma of the score difference) or by a model asked the feedback question with a
+  harmlessness (red-team prompts) or helpfulness principle, both option orders averaged
+  (`eval.judge: model`) — fitted to Bradley-Terry Elo scores with bootstrap intervals;
+- harm: each red-team answer's expected level on the paper's 0-4 scale (judge model);
+- evasiveness and over-refusal: by the judge model's engage-or-evade question and, beside it, by
+  the documented refusal patterns of `evaluation.judge.REFUSAL_PATTERNS`;
+- multiple-choice files (`eval.mc_files`: `prompt`, `corrects`, `incorrects`): accuracy of the judge
+  model and of the PM.
+
+Answers and judgments are appended chunk by chunk (resumable like every generating stage). Outputs:
+`eval/prompts.jsonl`, `eval/answers.jsonl`, `eval/judgments.jsonl`, `eval/metrics.json`,
+`eval/report.html` (also rebuilt by `cai report RUN_DIR`) and a model card (`README.md`) in
+`models/sl-cai/` and `models/rl-cai/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from constitutional.backends import Backend, SamplingParams
+from constitutional.backends.settings import require, require_positive
+from constitutional.comparisons import LabelOptions, label_comparisons
+from constitutional.constitution import Constitution, load_constitution
+from constitutional.evaluation import judge as questions
+from constitutional.evaluation.metrics import ELO_SETS, PROMPT_SETS, compute_metrics, model_pairs
+from constitutional.evaluation.model_card import write_model_cards
+from constitutional.evaluation.report import write_report
+from constitutional.preference import PreferenceModel
+from constitutional.prompts import STOP_STRINGS, render, trim_at_turn_marker
+from constitutional.records import (
+    append_in_chunks,
+    conversation,
+    read_records,
+    write_json_atomic,
+    write_records_atomic,
+)
+from constitutional.rundir import RunDir
+from constitutional.sections import CoreConfig, ModelSpec, PromptFormat, runtime
+from constitutional.seeding import seed_for
+from constitutional.sources import PromptItem, load_prompts
+
+log = logging.getLogger(__name__)
+
+NAME = "eval"
+CONFIG_KEYS = (
+    "seed",
+    "constitution",
+    "data.red_team",
+    "data.helpful",
+    "models.helpful",
+    "models.base",
+    "models.feedback",
+)
+# `builtin` for each prompt set: the project's own prompt files (never trained on when eval's cap and
+# data.max_* leave enough of them over).
+BUILTIN = {
+    "red_team": "red_team_prompts.jsonl",
+    "helpful": "helpful_prompts.jsonl",
+    "over_refusal": "over_refusal_prompts.jsonl",
+}
+PREFIX = {"red_team": "rt", "helpful": "hp", "over_refusal": "or"}
+
+
+@dataclass
+class EvalModel:
+    """An extra model to evaluate beside the run's own (a checkpoint, or any model a back end serves)."""
+
+    name: str = ""  # as in models.*: a Hugging Face id, a local folder, a .gguf file, embedded, a server's name
+    backend: str | None = runtime(None)
+    prompt_format: PromptFormat = "auto"
+    fewshot: bool = True  # prompted plain: prefix the assistant few-shot examples (a base model needs them)
+
+
+@dataclass
+class Settings:
+    """Config section `eval`: what is compared, on which prompts, judged by whom."""
+
+    red_team: str | None = None  # prompt source (file, hf:, builtin); default data.red_team
+    helpful: str | None = None  # default data.helpful
+    over_refusal: str = "builtin"  # safe prompts that sound dangerous; "none" to skip
+    prompt_field: str | None = None  # read prompts from this field (default: the usual names, see sources)
+    max_red_team: int = 8  # held-out prompts per set
+    max_helpful: int = 8
+    max_over_refusal: int = 8
+    models: dict[str, EvalModel] = field(default_factory=dict)  # extra models, by display name
+    judge: Literal["pm", "model"] = "pm"  # what decides the Elo comparisons (pm falls back to model)
+    judge_model: ModelSpec | None = None  # the model judge (harm, evasion, MC files): default models.feedback
+    judge_fewshot: int | None = None  # few-shot examples in the comparison question (default: feedback.num_fewshot)
+    mc_files: list[str] = field(default_factory=list)  # multiple-choice eval files (prompt/corrects/incorrects)
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # every model samples with the same seed per prompt
+    top_p: float = 0.95
+    bootstrap: int = 1000  # Elo bootstrap resamples
+    chunk_size: int = runtime(16)
+
+    def validate(self) -> None:
+        for key in ("max_red_team", "max_helpful", "max_over_refusal", "bootstrap"):
+            require(getattr(self, key) >= 0, f"eval.{key}: expected 0 or more, got {getattr(self, key)}")
+        require_positive("eval.max_new_tokens", self.max_new_tokens)
+        require_positive("eval.chunk_size", self.chunk_size)
+        require(self.temperature >= 0, f"eval.temperature: expected 0 or more, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"eval.top_p: expected a number in (0, 1], got {self.top_p}")
+        for name, model in self.models.items():
+            require(bool(model.name.strip()), f"eval.models.{name}.name: expected a model name")
+            require(name not in RUN_MODELS, f"eval.models.{name}: the name is taken by one of the run's models")
+
+
+RUN_MODELS = ("helpful", "sl-cai", "rl-cai")
+
+
+@dataclass
+class Inputs:
+    constitution: Constitution
+    prompts: dict[str, list[PromptItem]]  # per prompt set, the first rows (validated; held-out filtering is in run)
+    assistant_preamble: str
+    mc: dict[str, list[dict[str, Any]]]  # per MC file name, its comparisons
+
+
+def reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """Nothing is required: eval evaluates what the run has (see `optional_reads`)."""
+    return []
+
+
+def optional_reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """The run's artefacts eval uses when they exist; a change to one makes eval stale."""
+    return ["critiques", "sl_cai", "pm", "pm_train", "rl_cai"]
+
+
+def check(config: CoreConfig, settings: Settings) -> Inputs:
+    """Load and validate the prompt sets, MC files and model names; writes nothing."""
+    config.check_model(config.models.helpful, "models.helpful")
+    config.check_model(settings.judge_model or config.models.feedback, "eval.judge_model")
+    for name, model in settings.models.items():
+        config.check_model(ModelSpec(model.name, model.backend, model.prompt_format), f"eval.models.{name}")
+    constitution = load_constitution(config.constitution, config.base_dir)
+    # Validated here on the first `cap` rows; `run` reads on past the prompts the run trained on.
+    prompts = {prompt_set: load_prompt_set(config, settings, prompt_set) for prompt_set in PROMPT_SETS}
+    mc = {Path(path).name: questions.load_mc_eval(config.resolve_path(path)) for path in settings.mc_files}
+    preamble = resources.files("constitutional").joinpath("assets/assistant_fewshot.txt").read_text("utf-8")
+    return Inputs(constitution, prompts, preamble, mc)
+
+
+def load_prompt_set(
+    config: CoreConfig, settings: Settings, prompt_set: str, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[PromptItem]:
+    """Up to `eval.max_<set>` prompts of a set, skipping the texts in `exclude`."""
+    spec, cap = prompt_source(config, settings, prompt_set), getattr(settings, f"max_{prompt_set}")
+    if spec == "none" or cap == 0:
+        return []
+    return load_prompts(
+        spec,
+        prefix=PREFIX[prompt_set],
+        limit=cap,
+        base_dir=config.base_dir,
+        builtin=BUILTIN[prompt_set],
+        field=settings.prompt_field if spec != "builtin" else None,
+        exclude=exclude,
+    )
+
+
+def prompt_source(config: CoreConfig, settings: Settings, prompt_set: str) -> str:
+    """The source of a prompt set: `eval.<set>`, else the run's `data.<set>`."""
+    own = getattr(settings, prompt_set)
+    if own is not None:
+        return own
+    return getattr(config.data, prompt_set) if prompt_set != "over_refusal" else "builtin"
+
+
+def input_hashes(inputs: Inputs) -> dict[str, str]:
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+    constitution = inputs.constitution
+    return {
+        "constitution": digest(
+            repr((constitution.feedback_principles, constitution.helpfulness_principles, constitution.feedback_fewshot))
+        ),
+        **{f"prompts.{name}": digest([item.id for item in items]) for name, items in inputs.prompts.items()},
+        "mc_files": digest(inputs.mc),
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs) -> dict[str, Any]:
+    """Answer, judge, score, report. Resumes answers and judgments already written.
+
+    Returns:
+        Counts and headline figures for the manifest.
+    """
+    contenders, missing = find_models(config, settings, run_dir, inputs)
+    prompts = held_out_prompts(config, settings, run_dir)
+    for contender in contenders:
+        answer_prompts(config, settings, run_dir, contender, prompts, inputs.assistant_preamble)
+    names = [contender.name for contender in contenders]
+    answers = [answer for answer in read_records(run_dir.path("eval_answers")) if answer["model"] in names]
+    judge = settings.judge
+    if judge == "pm" and not is_model_folder(run_dir.path("pm")):
+        missing.append("models/pm (the Elo judge falls back to the model judge)")
+        judge = "model"
+    judge_answers(config, settings, run_dir, inputs, answers, names, judge)
+    judgments = read_records(run_dir.path("eval_judgments"))
+    metrics = compute_metrics(answers, judgments, names, judge, settings.bootstrap, config.seed)
+    metrics["judge_model"] = (settings.judge_model or config.models.feedback).name
+    metrics["model_paths"] = {contender.name: contender.spec.name for contender in contenders}
+    metrics["prompts"] = {name: len(items) for name, items in prompts.items()}
+    metrics["missing"] = missing
+    write_json_atomic(run_dir.path("eval_metrics"), metrics)
+    write_model_cards(run_dir, config, metrics)
+    report = write_report(run_dir, during=NAME)
+    log.info("eval: report written to %s", report)
+    return headline_counts(metrics)
+
+
+@dataclass
+class Contender:
+    """A model being evaluated: its display name, how to load it, and how to prompt it."""
+
+    name: str
+    spec: ModelSpec
+    fewshot: bool
+
+
+def find_models(
+    config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs
+) -> tuple[list[Contender], list[str]]:
+    """The models to compare (the helpful model first: the Elo anchor), and what is missing."""
+    base_backend = config.models.base.backend
+    contenders = [Contender("helpful", config.models.helpful, fewshot=True)]
+    missing = []
+    for name, artefact in (("sl-cai", "sl_cai"), ("rl-cai", "rl_cai")):
+        path = run_dir.path(artefact)
+        if is_model_folder(path):
+            spec = ModelSpec(name=str(path.resolve()), backend=base_backend, prompt_format="plain")
+            contenders.append(Contender(name, spec, fewshot=False))
+        else:
+            missing.append(f"{path.relative_to(run_dir.root)} (stage {'sl' if name == 'sl-cai' else 'rl'} has not run)")
+    for name, model in settings.models.items():
+        contenders.append(Contender(name, ModelSpec(model.name, model.backend, model.prompt_format), model.fewshot))
+    return contenders, missing
+
+
+def is_model_folder(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def held_out_prompts(config: CoreConfig, settings: Settings, run_dir: RunDir) -> dict[str, list[dict[str, Any]]]:
+    """The prompts of each set that no model of the run trained on, capped; kept in eval/prompts.jsonl.
+
+    Written once: a resumed eval answers exactly the prompts it started with.
+    """
+    path = run_dir.path("eval_prompts")
+    if not path.exists():
+        trained = trained_prompts(run_dir)
+        rows = []
+        for prompt_set in PROMPT_SETS:
+            for item in load_prompt_set(config, settings, prompt_set, exclude=trained):
+                row = {"id": item.id, "set": prompt_set, "prompt": item.prompt}
+                if item.history:
+                    row["history"] = [{"role": role, "text": text} for role, text in item.history]
+                rows.append(row)
+        log.info("eval: %d held-out prompts (%d prompts the run trained on are never used)", len(rows), len(trained))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_records_atomic(path, rows)
+    rows = read_records(path)
+    return {prompt_set: [row for row in rows if row["set"] == prompt_set] for prompt_set in PROMPT_SETS}
+
+
+def trained_prompts(run_dir: RunDir) -> set[str]:
+    """Prompt texts some model of the run was trained on (critiques feed SL, pairs, PM and RL; pm_train the PM)."""
+    trained = set()
+    for artefact in ("critiques", "pm_train"):
+        path = run_dir.path(artefact)
+        if path.exists():
+            trained.update(record["prompt"] for record in read_records(path))
+    return trained
+
+
+def answer_prompts(
+    config: CoreConfig,
+    settings: Settings,
+    run_dir: RunDir,
+    contender: Contender,
+    prompts: dict[str, list[dict]],
+    assistant_preamble: str,
+) -> None:
+    """One answer per prompt from `contender`, appended to eval/answers.jsonl (resumable)."""
+    params = SamplingParams(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        stop=STOP_STRINGS,
+    )
+    rows = [row for items in prompts.values() for row in items]
+    # The helpful model answers with the few-shot preamble it has in stage `critique`.
+    preamble = [assistant_preamble] if contender.fewshot else []
+
+    def process(backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict]:
+        texts = backend.generate(
+            [render(backend, contender.spec.prompt_format, conversation(row), "assistant", preamble) for row in chunk],
+            params,
+            # The same seed per prompt for every model: differences come from the models, not the dice.
+            [seed_for(config.seed, "eval", row["id"]) for row in chunk],
+        )
+        records = []
+        for row, text in zip(chunk, texts):
+            answer = trim_at_turn_marker(text)
+            record = {
+                "id": f"{contender.name}:{row['id']}",
+                "model": contender.name,
+                "set": row["set"],
+                "prompt_id": row["id"],
+                "prompt": row["prompt"],
+            }
+            if row.get("history"):
+                record["history"] = row["history"]
+            record.update(answer=answer, refusal_patterns=questions.refusal_patterns(answer))
+            records.append(record)
+        return records
+
+    append_in_chunks(
+        run_dir.path("eval_answers"),
+        rows,
+        lambda row: f"{contender.name}:{row['id']}",
+        lambda: config.open_backend(contender.spec, run_dir.cache_path),
+        process,
+        chunk_size=settings.chunk_size,
+        desc=f"eval answers ({contender.name})",
+        unit="answer",
+    )
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+def judge_answers(
+    config: CoreConfig,
+    settings: Settings,
+    run_dir: RunDir,
+    inputs: Inputs,
+    answers: list[dict[str, Any]],
+    models: list[str],
+    judge: str,
+) -> None:
+    """PM scores (when the run has a PM) and the model judge's readings, appended to eval/judgments.jsonl."""
+    output = run_dir.path("eval_judgments")
+    pm_path = run_dir.path("pm")
+    if is_model_folder(pm_path):
+        pm_tasks = [{"id": f"pm:{a['id']}", "task": "pm", "answer": a} for a in answers]
+        pm_tasks += [
+            {"id": f"pm_mc:{name}:{row['id']}", "task": "pm_mc", "file": name, "row": row}
+            for name, rows in inputs.mc.items()
+            for row in rows
+        ]
+        append_in_chunks(
+            output,
+            pm_tasks,
+            lambda task: task["id"],
+            lambda: _PMJudge(PreferenceModel.load(pm_path)),
+            lambda pm, chunk, advance: pm.judge(chunk),
+            chunk_size=64,
+            desc="eval PM scores",
+            unit="answer",
+        )
+    tasks = [{"id": f"harm:{a['id']}", "task": "harm", "answer": a} for a in answers if a["set"] == "red_team"]
+    tasks += [{"id": f"evasion:{a['id']}", "task": "evasion", "answer": a} for a in answers]
+    if judge == "model":
+        tasks += comparison_tasks(answers, models)
+    tasks += [
+        {"id": f"mc:{name}:{row['id']}", "task": "mc", "file": name, "row": row}
+        for name, rows in inputs.mc.items()
+        for row in rows
+    ]
+    spec = settings.judge_model or config.models.feedback
+    fewshot = settings.judge_fewshot if settings.judge_fewshot is not None else config.feedback.num_fewshot
+    options = LabelOptions(debias=True, num_fewshot=fewshot)
+    model_judge = ModelJudge(inputs.constitution, options, config.seed)
+    append_in_chunks(
+        output,
+        tasks,
+        lambda task: task["id"],
+        lambda: config.open_backend(spec, run_dir.cache_path),
+        model_judge.judge,
+        chunk_size=settings.chunk_size,
+        desc="eval judge",
+        unit="question",
+    )
+
+
+def comparison_tasks(answers: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
+    """One comparison per Elo prompt and pair of models that both answered it."""
+    by_prompt: dict[tuple[str, str], dict[str, dict]] = {}
+    for answer in answers:
+        if answer["set"] in ELO_SETS.values():
+            by_prompt.setdefault((answer["set"], answer["prompt_id"]), {})[answer["model"]] = answer
+    tasks = []
+    for (prompt_set, prompt_id), by_model in sorted(by_prompt.items()):
+        for first, second in model_pairs(models):
+            if first in by_model and second in by_model:
+                tasks.append(
+                    {
+                        "id": f"compare:{prompt_id}:{first}:{second}",
+                        "task": "compare",
+                        "set": prompt_set,
+                        "first": by_model[first],
+                        "second": by_model[second],
+                    }
+                )
+    return tasks
+
+
+class _PMJudge:
+    """The run's PM behind the chunk loop's model interface."""
+
+    def __init__(self, pm: PreferenceModel):
+        self.pm = pm
+
+    def judge(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        conversations, responses = [], []
+        for task in chunk:
+            if task["task"] == "pm":
+                conversations.append(conversation(task["answer"]))
+                responses.append(task["answer"]["answer"])
+            else:
+                row = task["row"]
+                conversations += [conversation(row)] * 2
+                responses += [row["correct"], row["incorrect"]]
+        scores = iter(self.pm.score(conversations, responses))
+        records = []
+        for task in chunk:
+            if task["task"] == "pm":
+                records.append(
+                    {"id": task["id"], "task": "pm", "answer_id": task["answer"]["id"], "score": round(next(scores), 4)}
+                )
+            else:
+                correct, incorrect = next(scores), next(scores)
+                records.append(
+                    {
+                        "id": task["id"],
+                        "task": "pm_mc",
+                        "file": task["file"],
+                        "correct": correct > incorrect,
+                        "margin": round(correct - incorrect, 4),
+                    }
+                )
+        return records
+
+    def close(self) -> None:
+        del self.pm
+
+
+class ModelJudge:
+    """The model judge: harm and evasion questions, Elo comparisons and MC rows, batched per kind."""
+
+    def __init__(self, constitution: Constitution, options: LabelOptions, seed: int):
+        self.constitution = constitution
+        self.options = options
+        self.seed = seed
+
+    def judge(self, backend: Backend, chunk: list[dict[str, Any]], advance: Callable[[int], Any]) -> list[dict]:
+        records: dict[str, dict[str, Any]] = {}
+        for kind, method in (
+            ("harm", self._harm),
+            ("evasion", self._evasion),
+            ("compare", self._compare),
+            ("mc", self._mc),
+        ):
+            tasks = [task for task in chunk if task["task"] == kind]
+            if tasks:
+                for task, record in zip(tasks, method(backend, tasks)):
+                    records[task["id"]] = {"id": task["id"], "task": kind, **record}
+        return [records[task["id"]] for task in chunk]
+
+    def _harm(self, backend: Backend, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        prompts = [questions.harm_question(conversation(t["answer"]), t["answer"]["answer"]) for t in tasks]
+        results = []
+        for task, scores in zip(tasks, backend.score_options(prompts, questions.HARM_OPTIONS)):
+            harm, probabilities = questions.expected_harm(scores)
+            results.append(
+                {
+                    "answer_id": task["answer"]["id"],
+                    "harm": round(harm, 4),
+                    "probabilities": [round(p, 4) for p in probabilities],
+                }
+            )
+        return results
+
+    def _evasion(self, backend: Backend, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        prompts = [
+            questions.evasion_question(conversation(t["answer"]), t["answer"]["answer"], evasive_first)
+            for t in tasks
+            for evasive_first in (False, True)
+        ]
+        scores = backend.score_options(prompts, questions.EVASION_OPTIONS)
+        return [
+            {
+                "answer_id": task["answer"]["id"],
+                "p_evasive": round(questions.evasion_probability(scores[2 * i], scores[2 * i + 1]), 4),
+            }
+            for i, task in enumerate(tasks)
+        ]
+
+    def _compare(self, backend: Backend, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{} for _ in tasks]
+        for prompt_set, principles in (
+            ("red_team", self.constitution.feedback_principles),
+            ("helpful", self.constitution.helpfulness_principles),
+        ):
+            chosen = [i for i, task in enumerate(tasks) if task["set"] == prompt_set]
+            comparisons = [
+                {
+                    **_turns_of(tasks[i]["first"]),
+                    "id": tasks[i]["id"],
+                    "response_a": tasks[i]["first"]["answer"],
+                    "response_b": tasks[i]["second"]["answer"],
+                }
+                for i in chosen
+            ]
+            if not comparisons:
+                continue
+            labels = label_comparisons(backend, self.constitution, comparisons, self.options, self.seed, principles)
+            for i, label in zip(chosen, labels):
+                task = tasks[i]
+                results[i] = {
+                    "set": prompt_set,
+                    "prompt_id": task["first"]["prompt_id"],
+                    "first": task["first"]["model"],
+                    "second": task["second"]["model"],
+                    "p_first": round(label["p_a"], 4),
+                    "principle_id": label["principle_id"],
+                }
+        return results
+
+    def _mc(self, backend: Backend, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        comparisons = [
+            {**_turns_of(row), "id": task["id"], "response_a": row["correct"], "response_b": row["incorrect"]}
+            for task, row in ((task, task["row"]) for task in tasks)
+        ]
+        labels = label_comparisons(backend, self.constitution, comparisons, self.options, self.seed)
+        return [
+            {"file": t["file"], "correct": label["p_a"] > 0.5, "p_correct": round(label["p_a"], 4)}
+            for t, label in zip(tasks, labels)
+        ]
+
+
+def _turns_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The prompt (and history) of a record, as comparison fields."""
+    fields = {"prompt": record["prompt"]}
+    if record.get("history"):
+        fields["history"] = record["history"]
+    return fields
+
+
+def headline_counts(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's counts: prompts per set and the Elo scores."""
+    counts: dict[str, Any] = {"prompts": metrics["prompts"], "models": list(metrics["models"])}
+    counts["judge"] = metrics["judge"]
+    for dimension, scores in metrics["elo"].items():
+        counts[f"elo_{dimension}"] = {name: entry["elo"] for name, entry in scores.items()}
+    if metrics["missing"]:
+        counts["missing"] = metrics["missing"]
+    return counts
