@@ -55,6 +55,7 @@ from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, ModelSpec, PromptFormat, runtime
 from constitutional.seeding import seed_for
 from constitutional.sources import PromptItem, load_prompts
+from constitutional.training import is_complete_model
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     names = [contender.name for contender in contenders]
     answers = [answer for answer in read_records(run_dir.path("eval_answers")) if answer["model"] in names]
     judge = settings.judge
-    if judge == "pm" and not is_model_folder(run_dir.path("pm")):
+    if judge == "pm" and not is_complete_model(run_dir.path("pm")):
         missing.append("models/pm (the Elo judge falls back to the model judge)")
         judge = "model"
     judge_answers(config, settings, run_dir, inputs, answers, names, judge)
@@ -248,7 +249,7 @@ def find_models(
     missing = []
     for name, artefact in (("sl-cai", "sl_cai"), ("rl-cai", "rl_cai")):
         path = run_dir.path(artefact)
-        if is_model_folder(path):
+        if is_complete_model(path):
             spec = ModelSpec(name=str(path.resolve()), backend=base_backend, prompt_format="plain")
             contenders.append(Contender(name, spec, fewshot=False))
         else:
@@ -256,10 +257,6 @@ def find_models(
     for name, model in settings.models.items():
         contenders.append(Contender(name, ModelSpec(model.name, model.backend, model.prompt_format), model.fewshot))
     return contenders, missing
-
-
-def is_model_folder(path: Path) -> bool:
-    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
 
 def held_out_prompts(config: CoreConfig, settings: Settings, run_dir: RunDir) -> dict[str, list[dict[str, Any]]]:
@@ -363,7 +360,7 @@ def judge_answers(
     """PM scores (when the run has a PM) and the model judge's readings, appended to eval/judgments.jsonl."""
     output = run_dir.path("eval_judgments")
     pm_path = run_dir.path("pm")
-    if is_model_folder(pm_path):
+    if is_complete_model(pm_path):
         pm_tasks = [{"id": f"pm:{a['id']}", "task": "pm", "answer": a} for a in answers]
         pm_tasks += [
             {"id": f"pm_mc:{name}:{row['id']}", "task": "pm_mc", "file": name, "row": row}
