@@ -18,6 +18,7 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
         "sl.batch_size": 2, "sl.max_length": 128, "pairs.max_new_tokens": 24, "feedback.num_fewshot": 1,
         "pm.max_human": 24, "pm.eval_fraction": 0.25,
         "rl.steps": 2, "rl.rollout_batch_size": 4, "rl.max_new_tokens": 16, "rl.max_eval_prompts": 2,
+        "eval.max_red_team": 2, "eval.max_helpful": 2, "eval.max_over_refusal": 2, "eval.max_new_tokens": 16,
     }  # fmt: skip
     command = [sys.executable, "-m", "constitutional.cli", "run", str(REPO / "configs" / "quickstart.yaml")]
     command += ["--run-dir", str(run_dir)] + [
@@ -37,7 +38,7 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     assert 2 <= len(pairs) <= 4 and len(labels) == len(pairs)
     assert all(0.0 <= label["p_a"] <= 1.0 and len(label["readings"]) == 2 for label in labels)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    stages = ("critique", "sl", "pairs", "feedback", "pm", "rl")
+    stages = ("critique", "sl", "pairs", "feedback", "pm", "rl", "eval")
     assert all(manifest["stages"][stage]["status"] == "done" for stage in stages)
     assert manifest["stages"]["critique"]["counts"]["records"] == 6
     # The preference model: trained on the AI labels and the built-in human comparisons, evaluated on held-out ones.
@@ -50,3 +51,11 @@ def test_cai_run_quickstart_on_the_embedded_model(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "eval" / "rl_metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in metrics] == [1, 2] and abs(metrics[0]["kl"]) < 1e-4
     assert (run_dir / "models" / "rl-cai" / "model.safetensors").exists()
+    # Eval: three models on held-out prompts, judged; the headline table and the report path printed.
+    eval_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert list(eval_metrics["models"]) == ["helpful", "sl-cai", "rl-cai"] and eval_metrics["missing"] == []
+    assert eval_metrics["prompts"] == {"red_team": 2, "helpful": 2, "over_refusal": 2}
+    assert set(eval_metrics["elo"]["harmlessness"]) == {"helpful", "sl-cai", "rl-cai"}
+    assert all(0 <= entry["harm"] <= 4 for entry in eval_metrics["models"].values())
+    assert "harmlessness Elo" in result.stdout and "eval/report.html" in result.stdout
+    assert (run_dir / "models" / "sl-cai" / "README.md").read_text().startswith("---\n")

@@ -99,16 +99,21 @@ def test_eval_of_a_run_with_missing_stages_evaluates_what_exists(tmp_path, tiny_
     other = {"other": {"name": str(tiny_model_dir), "fewshot": False}}
     config = make_config(tiny_model_dir, tmp_path, judge="pm", models=other)
     run = RunDir(tmp_path / "bare")
+    # An RL-CAI that an earlier --rerun replaced is compared too, named by its algorithm and archive.
+    archived = run.root / "previous" / "20261128-120000" / "models" / "rl-cai"
+    add_model(archived, tiny_model_dir)
+    (archived / SUMMARY).write_text('{"algorithm": "dpo"}')
     run_pipeline(config, run.root, ["eval"])
     metrics = json.loads(run.path("eval_metrics").read_text())
-    assert list(metrics["models"]) == ["helpful", "other"]
+    assert list(metrics["models"]) == ["helpful", "rl-cai-dpo@20261128-120000", "other"]
     assert metrics["judge"] == "model"  # no PM: the model judge decides the comparisons
     assert any("sl-cai" in item for item in metrics["missing"]) and any(
         "models/pm" in item for item in metrics["missing"]
     )
     judgments = read_records(run.path("eval_judgments"))
     compared = [j for j in judgments if j["task"] == "compare"]
-    assert len(compared) == 2 + 2 and all(0 <= j["p_first"] <= 1 for j in compared)  # red-team and helpful prompts
+    # Three model pairs on each of 2 red-team and 2 helpfulness prompts.
+    assert len(compared) == 3 * (2 + 2) and all(0 <= j["p_first"] <= 1 for j in compared)
     assert "other" in metrics["elo"]["helpfulness"]
     assert "stage critique has not run" in run.path("eval_report").read_text()
     assert main(["report", str(run.root)]) == 0

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -119,3 +121,23 @@ def test_top_p_keeps_the_smallest_nucleus(monkeypatch):
         kept = [dict(zip(ids.tolist(), p.tolist())) for ids, p in zip(token_ids, probabilities)]
         assert {k: v for k, v in kept[0].items() if v > 0} == pytest.approx({0: 0.5, 1: 0.3})
         assert sum(v > 0 for v in kept[1].values()) == 3
+
+
+def test_finished_rows_leave_the_batch(backend, monkeypatch):
+    params = SamplingParams(max_new_tokens=8)
+    free = backend.generate(PROMPTS[:3], params)
+    stop = free[0][:2]  # the first row meets this stop string within its first tokens
+    assert stop and all(stop not in text[:4] for text in free[1:])
+    widths = []
+    forward = backend.model.forward
+
+    @functools.wraps(forward)  # keeps the signature the back end inspects
+    def recording_forward(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", recording_forward)
+    stopped = backend.generate(PROMPTS[:3], SamplingParams(max_new_tokens=8, stop=(stop,)))
+    assert stopped[1:] == free[1:] and stop not in stopped[0]
+    # One row stopped early: every later step runs on two rows, not three with padding.
+    assert widths[0] == 3 and widths[-1] == 2 and sorted(widths, reverse=True) == widths

@@ -2,9 +2,11 @@
 
 Batches are sorted by prompt length (little padding), padded on the left (generation appends on
 the right), and sampled with one seeded generator per prompt, so a prompt's completion does not
-depend on its batch mates. Logits are computed only where they are used: the last position while
-generating, the option positions while scoring (the embedded model's 262k-token output layer is
-most of its compute).
+depend on its batch mates. The decode loop is our own: a row that has finished (end of sequence or
+a stop string) leaves the batch and its KV cache at once, instead of being computed on as padding
+until the batch's longest answer ends. Logits are computed only where they are used: the last
+position while generating, the option positions while scoring (the embedded model's 262k-token
+output layer is most of its compute).
 """
 
 from __future__ import annotations
@@ -15,14 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import (
-    BatchEncoding,
-    DynamicCache,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-)
+from transformers import BatchEncoding, DynamicCache
 
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, option_token_ids
 from constitutional.backends.settings import TransformersSettings
@@ -36,12 +31,11 @@ MIN_SHARED_PREFIX = 16
 TOP_P_CANDIDATES = 512
 
 
-class SeededSampler(LogitsProcessor):
-    """Temperature / top-p sampling with one torch.Generator per batch row.
+class SeededSampler:
+    """Temperature / top-p sampling with one torch.Generator per prompt.
 
-    Generation runs in greedy mode and this processor leaves exactly one finite logit per row: the
-    token it sampled. That keeps transformers' own loop (caches, stopping, padding) while making each
-    row's randomness its own.
+    Each prompt's randomness is its own: a row draws from its generator only, whatever else is in
+    the batch and whenever other rows leave it.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device):
@@ -49,19 +43,26 @@ class SeededSampler(LogitsProcessor):
         self.top_p = top_p
         self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # scores: [batch, vocab]
-        scaled = scores.float() / self.temperature
+    def sample(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """One token per live row.
+
+        Args:
+            logits: [live rows, vocab] next-token logits.
+            rows: each live row's prompt index (which generator it draws from).
+
+        Returns:
+            [live rows] token ids.
+        """
+        scaled = logits.float() / self.temperature
         if self.top_p < 1.0:
-            probabilities, token_ids = nucleus(scaled, self.top_p)  # [batch, candidates] each
+            probabilities, token_ids = nucleus(scaled, self.top_p)  # [rows, candidates] each
         else:
             probabilities, token_ids = torch.softmax(scaled, dim=-1), None
         picks = torch.stack(
-            [torch.multinomial(row, 1, generator=generator) for row, generator in zip(probabilities, self.generators)]
-        )  # [batch, 1]: indices into each row's candidates
+            [torch.multinomial(row, 1, generator=self.generators[index]) for row, index in zip(probabilities, rows)]
+        )  # [rows, 1]: indices into each row's candidates
         chosen = picks if token_ids is None else token_ids.gather(1, picks)
-        only_chosen = torch.full_like(scores, float("-inf"))
-        return only_chosen.scatter_(1, chosen, 0.0)
+        return chosen.squeeze(1)
 
 
 def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,30 +91,9 @@ def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     return probabilities.masked_fill(mass_before >= top_p, 0.0), token_ids
 
 
-class StopOnStrings(StoppingCriteria):
-    """Marks a row finished once its generated text contains a stop string.
-
-    Only the last few tokens are decoded each step: a stop string is short, and decoding whole
-    completions every step would cost more than the stop saves.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int, min_new_tokens: int):
-        self.tokenizer = tokenizer
-        self.stop = [marker for marker in stop if marker]
-        self.prompt_length = prompt_length
-        self.min_new_tokens = min_new_tokens
-        self.tail_tokens = 16
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self.prompt_length
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.stop or generated < max(1, self.min_new_tokens):
-            return done
-        start = max(self.prompt_length, input_ids.shape[1] - self.tail_tokens)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        for row, tail in enumerate(tails):
-            done[row] = any(marker in tail for marker in self.stop)
-        return done
+# A stop string is short: only the last few tokens of a row are decoded to look for one (decoding
+# whole answers at every step would cost more than stopping saves).
+STOP_TAIL_TOKENS = 16
 
 
 class TransformersBackend(Backend):
@@ -164,33 +144,86 @@ class TransformersBackend(Backend):
             inputs, cache = self._inputs_with_shared_prefix(token_ids, shared)
         else:
             inputs = self.tokenizer.pad({"input_ids": token_ids}, padding=True, return_tensors="pt")
-            cache = None
-        inputs = inputs.to(self.device)
-        prompt_length = inputs["input_ids"].shape[1]
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=params.min_new_tokens,
-            do_sample=False,  # sampling, when asked for, is SeededSampler's job
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.model.generation_config.eos_token_id,
-        )
-        processors = LogitsProcessorList()
-        if params.temperature > 0:
-            processors.append(SeededSampler(seeds, params.temperature, params.top_p, self.device))
-        stopping = [StopOnStrings(self.tokenizer, params.stop, prompt_length, params.min_new_tokens)]
-        output = self.model.generate(
-            **inputs,
-            **self._cache_argument(cache),
-            generation_config=config,
-            logits_processor=processors,
-            stopping_criteria=stopping,
-        )
-        new_tokens = output[:, prompt_length:]
-        # Finished rows are filled with padding up to the batch's longest row.
-        rows = [[token for token in row if token != self.tokenizer.pad_token_id] for row in new_tokens.tolist()]
+            cache = DynamicCache(config=self.model.config)
+        input_ids, mask = inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
+        # Positions count real tokens only (padding sits on the left or after the shared prefix).
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        rows = self._decode(input_ids[:, shared:], mask, positions[:, shared:], cache, params, seeds)
         self.generated_tokens += sum(map(len, rows))
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [cut_at_stop(text, params.stop) for text in texts], rows
+
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        params: SamplingParams,
+        seeds: list[int],
+    ) -> list[list[int]]:
+        """The decode loop: prefill, then one token per live row per step; finished rows leave.
+
+        Args:
+            input_ids: [batch, new] prompt tokens not yet in `cache`.
+            mask: [batch, cached + new] attention mask over everything so far.
+            positions: [batch, new] position ids of `input_ids`.
+            cache: the KV cache (holding a shared prefix, or empty).
+            params: sampling parameters.
+            seeds: one per row.
+
+        Returns:
+            Each row's new token ids, its end-of-sequence token included.
+        """
+        eos = self._eos_ids()
+        sampler = None
+        if params.temperature > 0:
+            sampler = SeededSampler(seeds, params.temperature, params.top_p, self.device)
+        live = list(range(input_ids.shape[0]))  # the prompt index of each row still in the batch
+        generated: list[list[int]] = [[] for _ in live]
+        step_input, step_positions = input_ids, positions
+        for step in range(params.max_new_tokens):
+            logits = self.model(
+                input_ids=step_input,
+                attention_mask=mask,
+                position_ids=step_positions,
+                logits_to_keep=1,
+                **self._cache_argument(cache),
+            ).logits[:, -1]  # [live, vocab]
+            if step < params.min_new_tokens and eos:
+                logits[:, eos] = float("-inf")
+            tokens = sampler.sample(logits, live) if sampler else logits.argmax(dim=-1)  # [live]
+            keep = []
+            for row, (index, token) in enumerate(zip(live, tokens.tolist())):
+                generated[index].append(token)
+                if not self._finished(generated[index], token, eos, params):
+                    keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(live):  # finished rows leave the batch and the cache
+                kept = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(kept)
+                mask, tokens, step_positions = mask[kept], tokens[kept], step_positions[kept]
+                live = [live[row] for row in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            step_input, step_positions = tokens[:, None], step_positions[:, -1:] + 1
+        return generated
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def _finished(self, tokens: list[int], token: int, eos: list[int], params: SamplingParams) -> bool:
+        """Whether a row is done after `token`: end of sequence, or (after min_new_tokens) a stop string."""
+        if token in eos:
+            return True
+        stops = [marker for marker in params.stop if marker]
+        if not stops or len(tokens) < max(1, params.min_new_tokens):
+            return False
+        tail = self.tokenizer.decode(tokens[-STOP_TAIL_TOKENS:], skip_special_tokens=True)
+        return any(marker in tail for marker in stops)
 
     def _cache_argument(self, cache: Any) -> dict[str, Any]:
         """The KV-cache keyword: `cache` in current transformers, `past_key_values` before 5.2x."""

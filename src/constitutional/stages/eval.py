@@ -51,11 +51,11 @@ from constitutional.records import (
     write_json_atomic,
     write_records_atomic,
 )
-from constitutional.rundir import RunDir
+from constitutional.rundir import ARTEFACTS, RunDir
 from constitutional.sections import CoreConfig, ModelSpec, PromptFormat, runtime
 from constitutional.seeding import seed_for
 from constitutional.sources import PromptItem, load_prompts
-from constitutional.training import is_complete_model
+from constitutional.training import SUMMARY, is_complete_model
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,8 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     metrics["judge_model"] = (settings.judge_model or config.models.feedback).name
     metrics["model_paths"] = {contender.name: contender.spec.name for contender in contenders}
     metrics["prompts"] = {name: len(items) for name, items in prompts.items()}
+    # The split: held-out prompts per set are in eval/prompts.jsonl; these texts were never eligible.
+    metrics["trained_prompts_excluded"] = len(trained_prompts(run_dir))
     metrics["missing"] = missing
     write_json_atomic(run_dir.path("eval_metrics"), metrics)
     write_model_cards(run_dir, config, metrics)
@@ -254,9 +256,26 @@ def find_models(
             contenders.append(Contender(name, spec, fewshot=False))
         else:
             missing.append(f"{path.relative_to(run_dir.root)} (stage {'sl' if name == 'sl-cai' else 'rl'} has not run)")
+    contenders += archived_rl_models(run_dir, base_backend)
     for name, model in settings.models.items():
         contenders.append(Contender(name, ModelSpec(model.name, model.backend, model.prompt_format), model.fewshot))
     return contenders, missing
+
+
+def archived_rl_models(run_dir: RunDir, backend: str | None) -> list[Contender]:
+    """RL-CAI models that `--rerun` replaced (another algorithm, or other labels), named by algorithm and archive.
+
+    Each algorithm that ran on this run directory is compared, not only the latest.
+    """
+    contenders = []
+    for folder in sorted((run_dir.root / "previous").glob(f"*/{ARTEFACTS['rl_cai'].path}")):
+        if is_complete_model(folder):
+            summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+            archive = folder.relative_to(run_dir.root / "previous").parts[0]
+            name = f"rl-cai-{summary.get('algorithm', 'unknown')}@{archive}"
+            spec = ModelSpec(name=str(folder.resolve()), backend=backend, prompt_format="plain")
+            contenders.append(Contender(name, spec, fewshot=False))
+    return contenders
 
 
 def held_out_prompts(config: CoreConfig, settings: Settings, run_dir: RunDir) -> dict[str, list[dict[str, Any]]]:
