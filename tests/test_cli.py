@@ -1,5 +1,6 @@
 """The `cai` command: help, bad input (one line, exit 2, nothing written), interruption."""
 
+import json
 import subprocess
 import sys
 
@@ -45,6 +46,9 @@ def test_cai_run_writes_the_run_directory(config_file, tmp_path, capsys):
         assert (run_dir / output).exists(), output
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["critique"]["rounds"] == 1 and resolved["seed"] == 3
+    # Eval never fails for lack of held-out prompts: every red-team prompt here was trained on, and it says so.
+    missing = json.loads((run_dir / "eval" / "metrics.json").read_text())["missing"]
+    assert any(item.startswith("red_team prompts: every prompt of") for item in missing)
     # A second run with another setting would mix records from two configs: refused.
     code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", "critique.rounds=2"], capsys)
     assert code == 2 and "critique.rounds: 1 -> 2" in err

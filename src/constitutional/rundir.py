@@ -158,7 +158,12 @@ class RunDir:
         )
 
     def finish_stage(self, stage: str, counts: dict[str, Any]) -> None:
-        self.update_stage(stage, status="done", ended=now(), counts=counts)
+        """Mark a stage done with its counts and the seconds since it (last) started."""
+        ended, started = now(), self.stage_entry(stage).get("started")
+        seconds = None
+        if started:
+            seconds = (_dt.datetime.fromisoformat(ended) - _dt.datetime.fromisoformat(started)).total_seconds()
+        self.update_stage(stage, status="done", ended=ended, seconds=seconds, counts=counts)
 
     def fail_stage(self, stage: str, error: str) -> None:
         self.update_stage(stage, status="failed", ended=now(), error=error)

@@ -166,7 +166,8 @@ def load_prompts(
             do not count towards `limit`.
 
     Returns:
-        PromptItems in source order, ids unique (the first of duplicates kept).
+        PromptItems in source order, ids unique (the first of duplicates kept); empty when every
+        prompt was excluded.
 
     Raises:
         UserError: the source is missing or malformed, or holds no prompts.
@@ -174,15 +175,17 @@ def load_prompts(
     _check_limit(limit)
     name, rows = _open_source(spec, Path(base_dir), builtin)
     items: dict[str, PromptItem] = {}
+    excluded = 0
     for where, row in rows:
         if limit is not None and len(items) >= limit:
             break  # stop reading early: large datasets need not be parsed past the cap
         prompt, history = _prompt_from_row(row, where, field)
         if prompt in exclude:
+            excluded += 1
             continue
         item = PromptItem(_content_id(prefix, history, prompt), prompt, history)
         items.setdefault(item.id, item)
-    if not items and limit != 0:
+    if not items and limit != 0 and not excluded:
         raise UserError(f"{name}: no prompts found")
     return list(items.values())
 

@@ -209,6 +209,14 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     """
     contenders, missing = find_models(config, settings, run_dir, inputs)
     prompts = held_out_prompts(config, settings, run_dir)
+    for prompt_set, rows in prompts.items():
+        if (
+            not rows
+            and getattr(settings, f"max_{prompt_set}")
+            and prompt_source(config, settings, prompt_set) != "none"
+        ):
+            source = prompt_source(config, settings, prompt_set)
+            missing.append(f"{prompt_set} prompts: every prompt of {source} was trained on; set eval.{prompt_set}")
     for contender in contenders:
         answer_prompts(config, settings, run_dir, contender, prompts, inputs.assistant_preamble)
     names = [contender.name for contender in contenders]
