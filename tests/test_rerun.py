@@ -64,7 +64,7 @@ def test_a_changed_setting_is_refused_naming_keys_and_stages(run, capsys):
     before = snapshot(run_dir)
     code, err = cai(["run", config, "--run-dir", str(run_dir), "--set", "feedback.cot=true"], capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "feedback.cot: False -> True" in err and "stages that would run again: feedback, pm, rl." in err
+    assert "feedback.cot: False -> True" in err and "stages that would run again: feedback, pm, rl, eval." in err
     assert "--rerun" in err
     assert snapshot(run_dir) == before and not (run_dir / "previous").exists()
 
@@ -117,7 +117,7 @@ def test_an_early_change_makes_every_later_stage_stale(run, capsys):
     config, run_dir = run
     code, err = cai(["run", config, "--run-dir", str(run_dir), "--set", "critique.rounds=2"], capsys)
     assert code == 2 and "critique.rounds: 1 -> 2" in err
-    assert "stages that would run again: critique, sl, pairs, feedback, pm, rl." in err
+    assert "stages that would run again: critique, sl, pairs, feedback, pm, rl, eval." in err
 
 
 def test_an_upstream_file_edited_by_hand_makes_its_readers_stale(run, capsys):
@@ -125,7 +125,7 @@ def test_an_upstream_file_edited_by_hand_makes_its_readers_stale(run, capsys):
     pairs = run_dir / "data/pairs.jsonl"
     pairs.write_text("".join(pairs.read_text().splitlines(keepends=True)[:2]))
     code, err = cai(["run", config, "--run-dir", str(run_dir)], capsys)
-    assert code == 2 and "data/pairs.jsonl changed" in err and "would run again: feedback, pm, rl." in err
+    assert code == 2 and "data/pairs.jsonl changed" in err and "would run again: feedback, pm, rl, eval." in err
     code, err = cai(["run", config, "--run-dir", str(run_dir), "--rerun"], capsys)
     assert code == 0, err
     assert len((run_dir / "data/ai_labels.jsonl").read_text().splitlines()) == 2

@@ -324,7 +324,8 @@ def test_error_row_without_prompt_field(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"answer": "no prompt"}])
     assert_user_error(
         lambda: load_prompts(str(path), prefix="p"),
-        f"{path}:2: no prompt field (expected one of prompt, chosen, instruction, question, text)",
+        f"{path}:2: no prompt field (expected one of prompt, chosen, instruction, question, text, goal, Behavior, "
+        "turns)",
     )
     csv_path = tmp_path / "p.csv"
     csv_path.write_text("title,body\nx,y\n", encoding="utf-8")
