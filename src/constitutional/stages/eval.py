@@ -207,16 +207,9 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     Returns:
         Counts and headline figures for the manifest.
     """
-    contenders, missing = find_models(config, settings, run_dir, inputs)
+    contenders, missing = find_models(config, settings, run_dir)
     prompts = held_out_prompts(config, settings, run_dir)
-    for prompt_set, rows in prompts.items():
-        if (
-            not rows
-            and getattr(settings, f"max_{prompt_set}")
-            and prompt_source(config, settings, prompt_set) != "none"
-        ):
-            source = prompt_source(config, settings, prompt_set)
-            missing.append(f"{prompt_set} prompts: every prompt of {source} was trained on; set eval.{prompt_set}")
+    missing += exhausted_prompt_sets(config, settings, prompts)
     for contender in contenders:
         answer_prompts(config, settings, run_dir, contender, prompts, inputs.assistant_preamble)
     names = [contender.name for contender in contenders]
@@ -250,9 +243,7 @@ class Contender:
     fewshot: bool
 
 
-def find_models(
-    config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs
-) -> tuple[list[Contender], list[str]]:
+def find_models(config: CoreConfig, settings: Settings, run_dir: RunDir) -> tuple[list[Contender], list[str]]:
     """The models to compare (the helpful model first: the Elo anchor), and what is missing."""
     base_backend = config.models.base.backend
     contenders = [Contender("helpful", config.models.helpful, fewshot=True)]
@@ -306,6 +297,16 @@ def held_out_prompts(config: CoreConfig, settings: Settings, run_dir: RunDir) ->
         write_records_atomic(path, rows)
     rows = read_records(path)
     return {prompt_set: [row for row in rows if row["set"] == prompt_set] for prompt_set in PROMPT_SETS}
+
+
+def exhausted_prompt_sets(config: CoreConfig, settings: Settings, prompts: dict[str, list[dict]]) -> list[str]:
+    """Prompt sets asked for that came out empty because the run trained on every prompt of their source."""
+    notes = []
+    for prompt_set, rows in prompts.items():
+        source = prompt_source(config, settings, prompt_set)
+        if not rows and getattr(settings, f"max_{prompt_set}") and source != "none":
+            notes.append(f"{prompt_set} prompts: every prompt of {source} was trained on; set eval.{prompt_set}")
+    return notes
 
 
 def trained_prompts(run_dir: RunDir) -> set[str]:
