@@ -75,7 +75,7 @@ def build_report(run_dir: RunDir, during: str | None = None) -> str:
     sections = [
         _overview(run_dir, manifest, metrics, during),
         _headline(metrics),
-        _stages(manifest),
+        _stages(manifest, during),
         _feedback_labels(run_dir),
         _preference_model(run_dir),
         _rl(run_dir),
@@ -161,12 +161,14 @@ def _headline(metrics: dict[str, Any] | None) -> str:
     return "\n".join(parts)
 
 
-def _stages(manifest: dict[str, Any]) -> str:
+def _stages(manifest: dict[str, Any], during: str | None) -> str:
     rows = []
     for stage in STAGES:
         entry = manifest["stages"].get(stage)
         if not entry:
             continue
+        if stage == during:
+            entry = {**entry, "status": "finishing: writing this report", "ended": _now()}
         rows.append(
             (
                 stage,
