@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from constitutional.backends.base import SamplingParams
-from constitutional.backends.openai import OpenAIBackend, _sum_span_logprobs, load
+from constitutional.backends.openai import OpenAIBackend, _sum_span_logprobs, load, option_logprobs_from_top
 from constitutional.backends.settings import OpenAISettings
 from constitutional.errors import UserError
 
@@ -51,8 +52,11 @@ class ServerState:
     script: list[Scripted] = field(default_factory=list)  # consumed first, in order
     delay_s: Callable[[dict], float] = lambda body: 0.0  # extra delay of default answers
     text_for: Callable[[dict], str] = lambda body: f"<{body['prompt']}|{body.get('seed')}>"
-    with_logprobs: bool = True
+    with_logprobs: bool = True  # echoed prompt log-probs
+    # Top-k log-probs of the answer tokens, per position: (greedy token, {token: log-prob}); None: not offered.
+    top: list[tuple[str, dict[str, float]]] | Callable[[dict], list] | None = None
     bodies: list[dict] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -77,11 +81,25 @@ def echo_logprobs(text: str) -> dict[str, Any]:
     }
 
 
-def default_answer(state: ServerState, body: dict) -> dict[str, Any]:
-    """A completions response: echo with log-probs for scoring requests, else generated text."""
+def default_answer(state: ServerState, body: dict, path: str) -> dict[str, Any]:
+    """A completions or chat response: echo or top-k log-probs for scoring requests, else generated text."""
+    top = state.top(body) if callable(state.top) else state.top
+    if path.endswith("/chat/completions"):
+        content = None
+        if body.get("logprobs") and top:
+            content = [{"token": greedy, "logprob": tops.get(greedy, -9.0),
+                        "top_logprobs": [{"token": t, "logprob": v} for t, v in tops.items()]}
+                       for greedy, tops in top][: body["max_tokens"]]  # fmt: skip
+        text = f"<chat:{json.dumps(body['messages'])}|{body.get('seed')}>"
+        return {"choices": [{"message": {"role": "assistant", "content": text}, "logprobs": {"content": content},
+                             "index": 0}]}  # fmt: skip
     if body.get("echo"):
         logprobs = echo_logprobs(body["prompt"]) if state.with_logprobs else None
         return {"choices": [{"text": body["prompt"] + " X", "logprobs": logprobs, "index": 0}]}
+    if body.get("logprobs") and top:
+        positions = top[: body["max_tokens"]]
+        logprobs = {"tokens": [g for g, _ in positions], "top_logprobs": [tops for _, tops in positions]}
+        return {"choices": [{"text": "".join(g for g, _ in positions), "logprobs": logprobs, "index": 0}]}
     return {"choices": [{"text": state.text_for(body), "index": 0, "finish_reason": "length"}]}
 
 
@@ -93,13 +111,14 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with state.lock:
                 state.bodies.append(body)
+                state.paths.append(self.path)
                 state.headers.append(dict(self.headers))
                 scripted = state.script.pop(0) if state.script else Scripted(delay_s=state.delay_s(body))
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
             try:
                 time.sleep(scripted.delay_s)
-                answer = scripted.body if scripted.body is not None else default_answer(state, body)
+                answer = scripted.body if scripted.body is not None else default_answer(state, body, self.path)
                 self._send(scripted.status, scripted.headers, answer)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client timed out and hung up: expected in the timeout test
@@ -198,7 +217,7 @@ def test_generate_rejects_wrong_number_of_seeds(server):
 
 def test_score_options_sums_echoed_option_logprobs(server):
     url, state = server
-    backend = make_backend(url)
+    backend = make_backend(url, scoring="echo")
     prompts = ["Which is better? Answer:", "Pick one:"]
     try:
         scores = backend.score_options(prompts, [" (A)", " (B)"])
@@ -222,10 +241,91 @@ def test_score_options_includes_a_token_that_straddles_the_boundary():
 def test_score_options_without_logprobs_says_what_the_server_must_support(server):
     url, state = server
     state.with_logprobs = False
-    backend = make_backend(url)
+    backend = make_backend(url, scoring="echo")
     with pytest.raises(RuntimeError, match="echo.*logprobs.*vLLM"):
         backend.score_options(["Pick one:"], [" (A)", " (B)"])
     backend.close()
+
+
+# ------------------------------------------------------------------------------------- top_logprobs and chat
+
+# The greedy answer " (", "A", ")" with the top-k alternatives the fake server reports at each position.
+TOP = [(" (", {" (": -0.05, " The": -3.0}), ("A", {"A": -0.4, "B": -1.3, "C": -2.5}), (")", {")": -0.01})]
+
+
+def test_auto_scoring_uses_echo_when_the_server_answers_it(server):
+    url, state = server
+    backend = make_backend(url)
+    scores = backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert backend.scoring_method == "echo" and scores == [[pytest.approx(-1.05), pytest.approx(-2.25)]]
+
+
+def test_top_logprobs_scoring_reads_where_the_options_part_ways(server):
+    url, state = server
+    state.with_logprobs, state.top = False, TOP  # like llama.cpp's server: no echoed prompt log-probs
+    backend = make_backend(url)
+    scores = backend.score_options(["Pick one:", "Which?"], [" (A)", " (B)"])
+    backend.close()
+    assert backend.scoring_method == "top_logprobs"
+    # Read after "(": A -0.4, B -1.3 (the shared " (" is the same for both options and left out).
+    assert scores == [[-0.4, -1.3], [-0.4, -1.3]]
+    top_requests = [body for body in state.bodies if not body.get("echo")]
+    assert len(top_requests) == 1 + 2  # the probe, then one request per prompt (not per option)
+    assert top_requests[-1]["logprobs"] == 20 and top_requests[-1]["max_tokens"] == 4
+    assert top_requests[-1]["temperature"] == 0.0
+    assert sorted(body["prompt"] for body in top_requests[1:]) == ["Pick one:", "Which?"]  # sent concurrently
+
+
+def test_an_option_missing_from_the_top_k_gets_the_lowest_listed_logprob(server):
+    url, state = server
+    state.top = [(" (", {" (": -0.05}), ("A", {"A": -0.4, "C": -2.5})]
+    backend = make_backend(url, scoring="top_logprobs")
+    assert backend.score_options(["Pick one:"], [" (A)", " (B)"]) == [[-0.4, -2.5]]
+    backend.close()
+
+
+def test_top_logprob_reading_of_other_answer_shapes():
+    both = [" (A)", " (B)"]
+    assert option_logprobs_from_top([("(A", {"(A": -0.3, "(B": -1.6})], both) == [-0.3, -1.6]
+    assert option_logprobs_from_top([("A", {"A": -0.3, " B": -1.6})], both) == [-0.3, -1.6]  # "A" for "(A)"
+    harm = [f" ({level})" for level in range(5)]
+    assert option_logprobs_from_top([(" (", {" (": 0.0}), ("2", {"2": -0.2, "0": -1.0})], harm) == [
+        -1.0, -1.0, -0.2, -1.0, -1.0,
+    ]  # fmt: skip
+    assert option_logprobs_from_top([("The", {"The": -0.1})], both) == [-0.1, -0.1]  # off-format: no match, a tie
+    assert option_logprobs_from_top([("(", {"(": -0.1})], both) == [0.0, 0.0]  # never got there: a tie
+    with pytest.raises(ValueError, match="differ"):
+        option_logprobs_from_top(TOP, [" (A)", " (A) and more"])
+
+
+def test_a_server_with_neither_echo_nor_top_logprobs_is_named(server):
+    url, state = server
+    state.with_logprobs = False
+    backend = make_backend(url)
+    with pytest.raises(UserError, match=f"the server at {re.escape(url)} answers neither.*echo.*top_logprobs"):
+        backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+
+
+def test_chat_endpoint_sends_messages_and_scores_from_chat_logprobs(server):
+    url, state = server
+    state.top = TOP
+    backend = make_backend(url, endpoint="chat")
+    prompt = backend.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    texts = backend.generate([prompt, "plain prompt"], SamplingParams(max_new_tokens=5), seeds=[3, 4])
+    assert texts[0] == '<chat:[{"role": "user", "content": "Hi there"}]|3>'
+    assert texts[1] == '<chat:[{"role": "user", "content": "plain prompt"}]|4>'  # a plain prompt: one user turn
+    assert all(path == "/v1/chat/completions" for path in state.paths)
+    assert backend.score_options([prompt], [" (A)", " (B)"]) == [[-0.4, -1.3]]
+    assert backend.scoring_method == "top_logprobs"  # chat endpoints are never asked to echo
+    assert state.bodies[-1]["logprobs"] is True and state.bodies[-1]["top_logprobs"] == 20
+    backend.close()
+
+
+def test_chat_and_echo_do_not_mix():
+    with pytest.raises(UserError, match="openai.scoring: 'echo' needs openai.endpoint 'completions'"):
+        OpenAISettings(endpoint="chat", scoring="echo").validate()
 
 
 # ------------------------------------------------------------------------------------- retries
@@ -371,3 +471,32 @@ def test_importing_the_package_does_not_import_httpx():
     code = "import constitutional, constitutional.backends, sys; print('httpx' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_feedback_stage_labels_through_a_top_logprobs_server_and_records_the_method(server, tmp_path):
+    from constitutional.config import config_from_dict
+    from constitutional.pipeline import run_pipeline
+    from constitutional.records import append_records, read_records
+    from constitutional.rundir import RunDir
+
+    url, state = server
+
+    def prefers_yes(body: dict) -> list:
+        """A judge that prefers the answer "Yes.", wherever it is listed."""
+        yes_first = body["prompt"].rstrip().endswith("(A) Yes.\n(B) No.\nThe answer is:")
+        a, b = (-0.4, -1.3) if yes_first else (-1.3, -0.4)
+        return [(" (", {" (": -0.05}), ("A" if yes_first else "B", {"A": a, "B": b}), (")", {")": -0.01})]
+
+    state.with_logprobs, state.top = False, prefers_yes  # a server without echo, as llama.cpp's
+    run = RunDir(tmp_path / "run")
+    pairs = [{"id": f"p{i}", "prompt": f"Question {i}?", "response_a": "Yes.", "response_b": "No."} for i in range(3)]
+    append_records(run.path("pairs"), pairs)
+    config = config_from_dict(
+        {"models": {"feedback": {"name": "judge", "backend": "openai"}}, "openai": {"base_url": url, "max_retries": 0}}
+    )
+    run_pipeline(config, run.root, ["feedback"])
+    labels = read_records(run.path("ai_labels"))
+    # Both orders read "Yes." better by 0.9 nats: p_a = sigma(0.9) = 0.711 for A ("Yes.").
+    assert [label["scoring_method"] for label in labels] == ["top_logprobs"] * 3
+    assert all(label["p_a"] == pytest.approx(1 / (1 + math.exp(-0.9))) for label in labels)
+    assert run.stage_entry("feedback")["counts"]["scoring_methods"] == ["top_logprobs"]

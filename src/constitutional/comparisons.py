@@ -147,6 +147,7 @@ def label_comparisons(
         records[index]["readings"].append(reading)
     for record in records:
         finish_record(record, settings.hard_labels)
+        record["scoring_method"] = backend.scoring_method  # how the option log-probs were read
     return records
 
 

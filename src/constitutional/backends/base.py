@@ -49,6 +49,8 @@ class Backend(ABC):
     """
 
     model_id: str
+    # How score_options reads log-probabilities (recorded in the manifest beside the labels it made).
+    scoring_method: str | None = "forward pass"
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:

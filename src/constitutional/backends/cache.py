@@ -33,6 +33,10 @@ class CachingBackend(Backend):
         self._db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._db.commit()
 
+    @property
+    def scoring_method(self) -> str | None:
+        return self.inner.scoring_method
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
         return self.inner.apply_chat_template(messages)
 

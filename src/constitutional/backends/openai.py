@@ -1,10 +1,23 @@
-"""The `openai` back end: any OpenAI-compatible *completions* server.
+"""The `openai` back end: any OpenAI-compatible server, `/completions` or `/chat/completions`.
 
-vLLM's, llama.cpp's and TGI's servers and hosted APIs all speak `POST {base_url}/completions`.
-Generation sends one request per prompt; option scoring sends one request per (prompt, option)
-with `echo` + `logprobs` and sums the echoed log-probabilities of the option's tokens. Requests run
-on a thread pool bounded by `max_concurrency` over one pooled `httpx.Client`, and transient
-failures (429, 5xx, timeouts, dropped connections) are retried with jittered exponential backoff.
+vLLM's, llama.cpp's and TGI's servers and hosted APIs all speak one or both. Generation sends one
+request per prompt: to `/completions`, or (`endpoint: chat`) to `/chat/completions`, where a prompt
+rendered for a chat model travels as its messages and the server applies the template.
+
+Option scoring has two methods, chosen by `scoring` or, with `auto`, by what the server answers:
+- `echo`: one `/completions` request per (prompt, option) with `echo` + `logprobs`, summing the
+  echoed log-probabilities of the option's tokens (exact; vLLM);
+- `top_logprobs`: one greedy request per prompt for a few answer tokens with their top-k
+  log-probabilities, read at the first position where the options part ways (" (A)" and " (B)"
+  share " (", so after "(" the next token is "A" or "B"). An option's log-prob there is that of its
+  matching tokens; an option missing from the top k gets the lowest log-prob returned at that
+  position (the most it could have had). The options' shared tokens are left out: they are the
+  same for every option, so normalised option probabilities do not change (llama.cpp's server,
+  hosted and chat-only APIs).
+
+Requests run on a thread pool bounded by `max_concurrency` over one pooled `httpx.Client`, and
+transient failures (429, 5xx, timeouts, dropped connections) are retried with jittered exponential
+backoff.
 
 The API key is read from an environment variable, sent only in the Authorization header, and kept
 out of reprs, logs and error messages.
@@ -14,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -36,6 +50,10 @@ R = TypeVar("R")
 MAX_SERVER_STOPS = 4
 # Server error text quoted in our messages is cut to this many characters (one readable line).
 MAX_ERROR_CHARS = 300
+# A prompt rendered for a chat model: this marker, then its messages as JSON (see apply_chat_template).
+CHAT_MESSAGES = "\x00chat-messages:"
+# Answer tokens a top_logprobs scoring request asks for: enough to get past "(" to the option letter.
+SCORING_TOKENS = 4
 
 
 class OpenAIBackend(Backend):
@@ -55,6 +73,9 @@ class OpenAIBackend(Backend):
         max_retries: int = 6,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        endpoint: str = "completions",
+        scoring: str = "auto",
+        top_logprobs: int = 20,
     ):
         """Set up the HTTP client; no request is sent until the first call.
 
@@ -67,6 +88,9 @@ class OpenAIBackend(Backend):
             max_retries: retries after the first attempt on 429, 5xx, timeouts and connection errors.
             backoff_initial_s: the first retry's delay; it doubles each retry.
             backoff_max_s: the longest backoff delay (a server's Retry-After still wins).
+            endpoint: "completions" or "chat" (where generation requests go).
+            scoring: "auto", "echo" or "top_logprobs" (see the module docstring).
+            top_logprobs: k of the top_logprobs method.
         """
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -78,7 +102,12 @@ class OpenAIBackend(Backend):
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self.model_id = f"openai:{self.base_url}:{model}"
+        self.endpoint = endpoint
+        self.top_logprobs = top_logprobs
+        # The scoring method in use: fixed by config, or decided by the first scoring call (auto).
+        self.scoring_method: str | None = None if scoring == "auto" else scoring
+        # Chat answers differ from completions of the same text: the cache must not mix them.
+        self.model_id = f"openai:{self.base_url}:{model}" + (":chat" if endpoint == "chat" else "")
         # Private, and only ever placed in the client's headers: never formatted into text.
         self._api_key = api_key or None
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -98,8 +127,17 @@ class OpenAIBackend(Backend):
 
     # ----------------------------------------------------------------------------- public API
 
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
+        """With `endpoint: chat`, the messages themselves (the server applies the model's template).
+
+        They travel as a marked JSON string through the stages, which only pass prompts along.
+        """
+        if self.endpoint != "chat":
+            return None
+        return CHAT_MESSAGES + json.dumps(messages, ensure_ascii=False)
+
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
-        """Complete each prompt with one `/completions` request.
+        """Complete each prompt with one `/completions` or `/chat/completions` request.
 
         Args:
             prompts: raw prompt strings.
@@ -113,27 +151,49 @@ class OpenAIBackend(Backend):
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         bodies = [self._generation_body(prompt, params, seed) for prompt, seed in zip(prompts, seeds)]
-        texts = self._map(lambda body: _first_choice(self._post_completions(body))["text"], bodies)
+        texts = self._map(lambda body: _choice_text(self._post(body)), bodies)
         return [cut_at_stop(text, params.stop) for text in texts]
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
-        """Summed log-probabilities of each option after each prompt, from echoed prompt log-probs.
+        """Log-probabilities of each option after each prompt, by the `echo` or `top_logprobs` method.
 
         Args:
             prompts: N prompt strings.
             options: K continuation strings, e.g. [" (A)", " (B)"].
 
         Returns:
-            N lists of K floats.
+            N lists of K floats (with top_logprobs: up to a constant shared by a prompt's options).
 
         Raises:
-            RuntimeError: the server returned no log-probabilities (it must support `echo` with
-                `logprobs` on /completions, as vLLM does).
+            UserError: the server supports neither method (`auto`), or not the configured one.
         """
-        pairs = [(prompt, option) for prompt in prompts for option in options]
-        flat = self._map(lambda pair: self._score_one(*pair), pairs)
-        k = len(options)
-        return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+        if not prompts:
+            return []
+        if self.scoring_method is None:
+            self.scoring_method = self._detect_scoring(prompts[0], options)
+            log.info("%s: option scoring by %s", self.base_url, self.scoring_method)
+        if self.scoring_method == "echo":
+            pairs = [(prompt, option) for prompt in prompts for option in options]
+            flat = self._map(lambda pair: self._score_one(*pair), pairs)
+            k = len(options)
+            return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+        return self._map(lambda prompt: self._score_top(prompt, options), list(prompts))
+
+    def _detect_scoring(self, prompt: str, options: Sequence[str]) -> str:
+        """`echo` if the server returns echoed prompt log-probs, else `top_logprobs` if it returns those."""
+        lacks = []
+        if self.endpoint == "completions" and not prompt.startswith(CHAT_MESSAGES):
+            try:
+                self._score_one(prompt, options[0])
+                return "echo"
+            except (RuntimeError, UserError) as error:
+                lacks.append(f"echo ({error})")
+        try:
+            self._score_top(prompt, options)
+            return "top_logprobs"
+        except (RuntimeError, UserError) as error:
+            lacks.append(f"top_logprobs ({error})")
+        raise UserError(f"the server at {self.base_url} answers neither way of scoring options: " + "; ".join(lacks))
 
     def close(self) -> None:
         """Close the HTTP client and its pooled connections."""
@@ -141,11 +201,21 @@ class OpenAIBackend(Backend):
 
     # ----------------------------------------------------------------------------- requests
 
+    def _prompt_fields(self, prompt: str) -> dict[str, Any]:
+        """`prompt` for /completions, `messages` for /chat/completions (a plain prompt: one user turn)."""
+        if self.endpoint == "completions":
+            if prompt.startswith(CHAT_MESSAGES):
+                raise UserError(f"{self.base_url}: a chat-formatted prompt needs openai.endpoint 'chat'")
+            return {"prompt": prompt}
+        if prompt.startswith(CHAT_MESSAGES):
+            return {"messages": json.loads(prompt.removeprefix(CHAT_MESSAGES))}
+        return {"messages": [{"role": "user", "content": prompt}]}
+
     def _generation_body(self, prompt: str, params: SamplingParams, seed: int) -> dict[str, Any]:
         """The JSON body of one generation request."""
         body: dict[str, Any] = {
             "model": self.model,
-            "prompt": prompt,
+            **self._prompt_fields(prompt),
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -170,8 +240,19 @@ class OpenAIBackend(Backend):
             "logprobs": 1,
             "temperature": 0.0,
         }
-        logprobs = _first_choice(self._post_completions(body)).get("logprobs")
+        logprobs = _first_choice(self._post(body, "completions")).get("logprobs")
         return _sum_span_logprobs(logprobs, len(prompt), len(prompt) + len(option), self.base_url)
+
+    def _score_top(self, prompt: str, options: Sequence[str]) -> list[float]:
+        """Options' log-probs from the top-k log-probs of a few greedy answer tokens (one request)."""
+        body: dict[str, Any] = {"model": self.model, **self._prompt_fields(prompt), "max_tokens": SCORING_TOKENS,
+                                "temperature": 0.0}  # fmt: skip
+        if self.endpoint == "chat":
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        else:
+            body["logprobs"] = self.top_logprobs
+        positions = _top_logprob_positions(_first_choice(self._post(body)), self.base_url)
+        return option_logprobs_from_top(positions, options, self.base_url)
 
     def _map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """Apply `function` to every item on at most `max_concurrency` threads; results in order."""
@@ -188,8 +269,8 @@ class OpenAIBackend(Backend):
             # them all against a server that just refused one; those in flight finish.
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _post_completions(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST one request to `/completions`, retrying transient failures.
+    def _post(self, body: dict[str, Any], endpoint: str | None = None) -> dict[str, Any]:
+        """POST one request to `/completions` or `/chat/completions`, retrying transient failures.
 
         Raises:
             UserError: the server rejected the request (4xx other than 429): not retried, since
@@ -197,7 +278,8 @@ class OpenAIBackend(Backend):
             RuntimeError: retries exhausted, or the server answered with something that is not a
                 completions response.
         """
-        url = f"{self.base_url}/completions"
+        endpoint = endpoint or self.endpoint
+        url = f"{self.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
         attempts = self.max_retries + 1
         last_error = ""
         for attempt in range(attempts):
@@ -266,6 +348,98 @@ def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise RuntimeError(f"completions response has no choices: {_one_line(json.dumps(data))!r}")
     return choices[0]
+
+
+def _choice_text(data: dict[str, Any]) -> str:
+    """The generated text of a completions (`text`) or chat (`message.content`) response."""
+    choice = _first_choice(data)
+    if isinstance(choice.get("text"), str):
+        return choice["text"]
+    message = choice.get("message")
+    if isinstance(message, dict) and isinstance(message.get("content"), str):
+        return message["content"]
+    raise RuntimeError(f"response has no generated text: {_one_line(json.dumps(data))!r}")
+
+
+def _top_logprob_positions(choice: dict[str, Any], base_url: str) -> list[tuple[str, dict[str, float]]]:
+    """(greedy token, {top token: log-prob}) per generated position, from either response format.
+
+    /completions: `logprobs.tokens` and `logprobs.top_logprobs` (a dict per position); chat:
+    `logprobs.content` (each with `token` and a `top_logprobs` list of {token, logprob}).
+    """
+    logprobs = choice.get("logprobs")
+    positions = []
+    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+        for entry in logprobs["content"]:
+            tops = entry.get("top_logprobs") if isinstance(entry, dict) else None
+            if not isinstance(tops, list) or not tops:
+                break
+            positions.append((str(entry.get("token", "")), {str(t["token"]): float(t["logprob"]) for t in tops}))
+    elif isinstance(logprobs, dict) and isinstance(logprobs.get("top_logprobs"), list):
+        tokens = logprobs.get("tokens") or []
+        for index, tops in enumerate(logprobs["top_logprobs"]):
+            if not isinstance(tops, dict) or not tops or index >= len(tokens):
+                break
+            positions.append((str(tokens[index]), {str(token): float(value) for token, value in tops.items()}))
+    if not positions:
+        raise RuntimeError(
+            f"the server at {base_url} returned no top log-probabilities: option scoring needs `echo` with "
+            "`logprobs` on /completions, or `logprobs` with top-k alternatives on the generated tokens"
+        )
+    return positions
+
+
+def option_logprobs_from_top(
+    positions: Sequence[tuple[str, dict[str, float]]], options: Sequence[str], base_url: str = "the server"
+) -> list[float]:
+    """Each option's log-prob at the first answer position where the options part ways.
+
+    Walks the greedy answer while it spells the part all options share (whitespace ignored: " (A)"
+    is "(A)", so a "(" is read past). At the first position where the greedy token does anything
+    else, an option gets the log-sum-exp of the top tokens consistent with it ("A" after "(", "(A"
+    at the start, or "A" where "(A)" was offered), or, when none is, the lowest log-prob listed
+    there.
+
+    Returns:
+        One log-prob per option; all equal (a tie) when the greedy answer never reached the point where
+        the options differ (it left their format, or ran out of tokens), which is logged.
+
+    Raises:
+        ValueError: two options are the same after whitespace is removed, or one is a prefix of another.
+    """
+    wanted = ["".join(option.split()) for option in options]
+    for first, second in ((a, b) for i, a in enumerate(wanted) for b in wanted[i + 1 :]):
+        if first.startswith(second) or second.startswith(first):
+            raise ValueError(f"options {options!r} must differ before one ends, for top_logprobs scoring")
+    spelled = ""  # what the greedy answer has spelled so far, whitespace removed
+    for greedy, tops in positions:
+        remainders = [option[len(spelled) :] for option in wanted]
+        shared = os.path.commonprefix(remainders)
+        chosen = "".join(greedy.split())
+        if shared and (not chosen or shared.startswith(chosen)):
+            spelled += chosen  # the answer is still spelling what all options share: read further on
+            continue
+        found: list[list[float]] = [[] for _ in wanted]
+        for token, value in tops.items():
+            text = "".join(token.split())
+            for index, remainder in enumerate(remainders):
+                # A token that reaches past the shared part ("(A" for "(A)"), or that skips it and
+                # starts what follows ("A": a model answering "A" rather than "(A)").
+                past = len(text) > len(shared) and (remainder.startswith(text) or text.startswith(remainder))
+                after = remainder[len(shared) :]
+                skipped = bool(text) and (after.startswith(text) or text.startswith(after))
+                if past or skipped:
+                    found[index].append(value)
+        floor = min(tops.values())
+        return [_logsumexp(values) if values else floor for values in found]
+    # The answer never got to the options (it left their format, or was cut short): no preference.
+    log.warning("%s: answer %r did not reach options %r; scored as a tie", base_url, [g for g, _ in positions], options)
+    return [0.0] * len(options)
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(value - top) for value in values))
 
 
 def _sum_span_logprobs(logprobs: Any, start: int, end: int, base_url: str) -> float:
@@ -342,4 +516,7 @@ def load(model_name: str, settings: OpenAISettings, base_dir: str, seed: int) ->
         max_retries=settings.max_retries,
         backoff_initial_s=settings.backoff_initial_s,
         backoff_max_s=settings.backoff_max_s,
+        endpoint=settings.endpoint,
+        scoring=settings.scoring,
+        top_logprobs=settings.top_logprobs,
     )

@@ -59,12 +59,28 @@ class OpenAISettings:
     max_retries: int = 6  # on 429, 5xx, timeouts and connection errors
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    # `completions`: raw prompts to /completions; `chat`: /chat/completions, with chat-formatted
+    # prompts sent as messages (the server applies the model's template).
+    endpoint: Literal["completions", "chat"] = "completions"
+    # How option log-probabilities are read: `echo` (prompt log-probs of prompt + option, one
+    # request per option; vLLM), `top_logprobs` (the first answer tokens' top-k log-probs, one
+    # request per prompt; llama.cpp, hosted and chat-only APIs), or `auto` (echo if the server
+    # answers it, else top_logprobs, decided on the first scoring call).
+    scoring: Literal["auto", "echo", "top_logprobs"] = "auto"
+    top_logprobs: int = 20  # k of top_logprobs scoring (OpenAI allows at most 20)
 
     def validate(self) -> None:
         require(
             self.base_url.startswith(("http://", "https://")),
             f"openai.base_url: expected an http(s) URL, got {self.base_url!r}",
         )
+        require_positive("openai.top_logprobs", self.top_logprobs)
+        require(
+            not (self.endpoint == "chat" and self.scoring == "echo"),
+            "openai.scoring: 'echo' needs openai.endpoint 'completions' (chat endpoints do not echo prompts)",
+        )
+        for key in ("backoff_initial_s", "backoff_max_s"):
+            require(getattr(self, key) >= 0, f"openai.{key}: expected 0 or more, got {getattr(self, key)}")
         require_positive("openai.max_concurrency", self.max_concurrency)
         require_positive("openai.timeout_s", self.timeout_s)
         require(self.max_retries >= 0, f"openai.max_retries: expected 0 or more, got {self.max_retries}")

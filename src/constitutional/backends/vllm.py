@@ -20,6 +20,8 @@ from constitutional.models import fingerprint, local_weights_dir, resolve_model_
 class VLLMBackend(Backend):
     """A vLLM `LLM` engine in this process."""
 
+    scoring_method = "prompt logprobs"
+
     def __init__(self, engine: Any, model_id: str):
         self.engine = engine
         self.tokenizer = engine.get_tokenizer()

@@ -88,4 +88,6 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: C
         "pairs": len(pairs),
         "labels": len(labels),
         "mean_p_a": round(sum(label["p_a"] for label in labels) / max(1, len(labels)), 4),
+        # Which way the option log-probs were read (a server's echo or top_logprobs, a forward pass).
+        "scoring_methods": sorted({str(label.get("scoring_method")) for label in labels}),
     }
