@@ -6,6 +6,7 @@ every request; tests script its answers (status, headers, body, delay) one reque
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ class ServerState:
     delay_s: Callable[[dict], float] = lambda body: 0.0  # extra delay of default answers
     text_for: Callable[[dict], str] = lambda body: f"<{body['prompt']}|{body.get('seed')}>"
     with_logprobs: bool = True  # echoed prompt log-probs
+    failing: bool = False  # answer every request with HTTP 500
     # Top-k log-probs of the answer tokens, per position: (greedy token, {token: log-prob}); None: not offered.
     top: list[tuple[str, dict[str, float]]] | Callable[[dict], list] | None = None
     bodies: list[dict] = field(default_factory=list)
@@ -114,6 +116,8 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 state.paths.append(self.path)
                 state.headers.append(dict(self.headers))
                 scripted = state.script.pop(0) if state.script else Scripted(delay_s=state.delay_s(body))
+                if state.failing:
+                    scripted = Scripted(status=500, body={"error": {"message": "down"}})
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
             try:
@@ -145,6 +149,19 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def server() -> Iterator[tuple[str, ServerState]]:
     """A fake server on a free loopback port; yields (base_url, state)."""
+    with running_server() as served:
+        yield served
+
+
+@pytest.fixture
+def second_server() -> Iterator[tuple[str, ServerState]]:
+    """Another one, for fleets."""
+    with running_server() as served:
+        yield served
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[tuple[str, ServerState]]:
     state = ServerState()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
     httpd.daemon_threads = True
@@ -500,3 +517,45 @@ def test_feedback_stage_labels_through_a_top_logprobs_server_and_records_the_met
     assert [label["scoring_method"] for label in labels] == ["top_logprobs"] * 3
     assert all(label["p_a"] == pytest.approx(1 / (1 + math.exp(-0.9))) for label in labels)
     assert run.stage_entry("feedback")["counts"]["scoring_methods"] == ["top_logprobs"]
+
+
+# ------------------------------------------------------------------------------------- fleets
+
+
+def test_a_fleet_spreads_requests_with_per_server_concurrency(server, second_server):
+    (url_a, state_a), (url_b, state_b) = server, second_server
+    for state in (state_a, state_b):
+        state.delay_s = lambda body: 0.05
+    backend = make_backend([url_a, url_b], max_concurrency=2)
+    prompts = [f"p{i}" for i in range(16)]
+    texts = backend.generate(prompts, SamplingParams(max_new_tokens=4), seeds=list(range(16)))
+    backend.close()
+    assert texts == [f"<p{i}|{i}>" for i in range(16)]
+    assert len(state_a.bodies) + len(state_b.bodies) == 16 and min(len(state_a.bodies), len(state_b.bodies)) >= 4
+    assert max(state_a.max_in_flight, state_b.max_in_flight) <= 2  # per server
+    assert backend.model_id == f"openai:{'|'.join(sorted([url_a, url_b]))}:test-model"
+
+
+def test_a_failing_server_leaves_the_rotation_and_is_tried_again_later(server, second_server):
+    (url_a, state_a), (url_b, state_b) = server, second_server
+    state_a.failing = True
+    backend = make_backend([url_a, url_b], max_concurrency=1, server_cooldown_s=0.5)
+    params = SamplingParams(max_new_tokens=4)
+    first = backend.generate([f"p{i}" for i in range(10)], params, seeds=[0] * 10)
+    assert first == [f"<p{i}|0>" for i in range(10)]  # every request answered, by the healthy server
+    assert len(state_a.bodies) <= 2 and len(state_b.bodies) == 10  # the failing one was taken out at once
+    state_a.failing = False
+    time.sleep(0.6)  # its cool-down is over: back in rotation
+    backend.generate([f"q{i}" for i in range(6)], params, seeds=[0] * 6)
+    backend.close()
+    assert len(state_a.bodies) >= 3  # it answered again
+
+
+def test_a_fleet_that_stays_down_fails_with_the_last_error(server, second_server):
+    (url_a, state_a), (url_b, state_b) = server, second_server
+    state_a.failing = state_b.failing = True
+    backend = make_backend([url_a, url_b], max_retries=3, server_cooldown_s=0.01)
+    with pytest.raises(RuntimeError, match="failed after 4 attempts; last error: .*HTTP 500: down"):
+        backend.generate(["p"], SamplingParams(max_new_tokens=4))
+    backend.close()
+    assert len(state_a.bodies) + len(state_b.bodies) == 4 and state_a.bodies and state_b.bodies

@@ -30,9 +30,11 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
@@ -56,6 +58,67 @@ CHAT_MESSAGES = "\x00chat-messages:"
 SCORING_TOKENS = 4
 
 
+@dataclass
+class Server:
+    """One server of a fleet, and its state."""
+
+    url: str
+    in_flight: int = 0
+    out_until: float = 0.0  # time.monotonic() before which it is out of rotation
+    requests: int = 0  # sent so far (for logs and tests)
+
+
+class Fleet:
+    """OpenAI-compatible servers of one model: each request goes to the least busy one in rotation.
+
+    A server that fails (connection error, timeout, 429, 5xx) leaves the rotation for a cool-down
+    (a 429's Retry-After, else `cooldown_s`) and is tried again after it. When every server is out,
+    the one due back first is used anyway (a lone server is simply retried with backoff), so work
+    never stops while any server might answer. Each server has at most `per_server` requests in
+    flight.
+    """
+
+    def __init__(self, urls: Sequence[str], per_server: int, cooldown_s: float):
+        self.servers = [Server(url) for url in urls]
+        self.per_server = per_server
+        self.cooldown_s = cooldown_s
+        self._changed = threading.Condition()
+
+    def acquire(self) -> Server:
+        """A server to send one request to (blocks while every usable server is at its limit)."""
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                usable = [server for server in self.servers if server.out_until <= now]
+                if not usable:
+                    usable = [min(self.servers, key=lambda server: server.out_until)]
+                free = [server for server in usable if server.in_flight < self.per_server]
+                if free:
+                    server = min(free, key=lambda server: (server.in_flight, server.requests))
+                    server.in_flight += 1
+                    server.requests += 1
+                    return server
+                self._changed.wait(timeout=0.05)
+
+    def release(self, server: Server, ok: bool, out_for: float | None = None) -> None:
+        """Return a server after a request: back in rotation if it answered, out for a while if not."""
+        with self._changed:
+            server.in_flight -= 1
+            if ok:
+                server.out_until = 0.0
+            else:
+                server.out_until = time.monotonic() + (self.cooldown_s if out_for is None else out_for)
+                if len(self.servers) > 1:
+                    log.warning("%s: out of rotation for %.1fs", server.url, server.out_until - time.monotonic())
+            self._changed.notify_all()
+
+    def others_up(self, server: Server) -> bool:
+        """Whether a server other than `server` is in rotation now."""
+        with self._changed:
+            now = time.monotonic()
+            return any(other is not server and other.out_until <= now for other in self.servers)
+
+
 class OpenAIBackend(Backend):
     """A model served by an OpenAI-compatible completions endpoint.
 
@@ -66,7 +129,7 @@ class OpenAIBackend(Backend):
     def __init__(
         self,
         model: str,
-        base_url: str = "http://127.0.0.1:8000/v1",
+        base_url: str | Sequence[str] = "http://127.0.0.1:8000/v1",
         api_key: str | None = None,
         max_concurrency: int = 8,
         timeout_s: float = 120.0,
@@ -76,14 +139,17 @@ class OpenAIBackend(Backend):
         endpoint: str = "completions",
         scoring: str = "auto",
         top_logprobs: int = 20,
+        server_cooldown_s: float = 30.0,
     ):
         """Set up the HTTP client; no request is sent until the first call.
 
         Args:
             model: the model name the server knows (sent as `model` in every request).
-            base_url: the API root, e.g. "http://127.0.0.1:8000/v1"; `/completions` is appended.
+            base_url: the API root, e.g. "http://127.0.0.1:8000/v1" (`/completions` is appended), or
+                several (a fleet of servers of the same model: each request goes to the least busy
+                server in rotation; one that fails is taken out for `server_cooldown_s`, then tried again).
             api_key: bearer token, or None for servers that need none (local vLLM, llama.cpp).
-            max_concurrency: the most requests in flight at once.
+            max_concurrency: the most requests in flight at once, per server.
             timeout_s: connect/read/write/pool timeout of one request, in seconds.
             max_retries: retries after the first attempt on 429, 5xx, timeouts and connection errors.
             backoff_initial_s: the first retry's delay; it doubles each retry.
@@ -91,13 +157,18 @@ class OpenAIBackend(Backend):
             endpoint: "completions" or "chat" (where generation requests go).
             scoring: "auto", "echo" or "top_logprobs" (see the module docstring).
             top_logprobs: k of the top_logprobs method.
+            server_cooldown_s: how long a failing server of a fleet stays out of rotation.
         """
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("base_url: expected at least one server")
         self.model = model
-        self.base_url = base_url.rstrip("/")
+        self.fleet = Fleet([url.rstrip("/") for url in urls], max_concurrency, server_cooldown_s)
+        self.base_url = ", ".join(server.url for server in self.fleet.servers)  # for messages
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
@@ -107,15 +178,18 @@ class OpenAIBackend(Backend):
         # The scoring method in use: fixed by config, or decided by the first scoring call (auto).
         self.scoring_method: str | None = None if scoring == "auto" else scoring
         # Chat answers differ from completions of the same text: the cache must not mix them.
-        self.model_id = f"openai:{self.base_url}:{model}" + (":chat" if endpoint == "chat" else "")
+        # A fleet serves one model: its identity does not depend on which server answered.
+        servers = "|".join(sorted(server.url for server in self.fleet.servers))
+        self.model_id = f"openai:{servers}:{model}" + (":chat" if endpoint == "chat" else "")
         # Private, and only ever placed in the client's headers: never formatted into text.
         self._api_key = api_key or None
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         # One pooled connection per worker thread, so no request waits for a free connection.
+        connections = max_concurrency * len(urls)
         self._client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         )
 
     def __repr__(self) -> str:
@@ -258,9 +332,10 @@ class OpenAIBackend(Backend):
         """Apply `function` to every item on at most `max_concurrency` threads; results in order."""
         if not items:
             return []
-        if len(items) == 1 or self.max_concurrency == 1:
+        workers = self.max_concurrency * len(self.fleet.servers)
+        if len(items) == 1 or workers == 1:
             return [function(item) for item in items]
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)))
+        pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
         try:
             futures = [pool.submit(function, item) for item in items]
             return [future.result() for future in futures]
@@ -278,33 +353,39 @@ class OpenAIBackend(Backend):
             RuntimeError: retries exhausted, or the server answered with something that is not a
                 completions response.
         """
-        endpoint = endpoint or self.endpoint
-        url = f"{self.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
+        path = "chat/completions" if (endpoint or self.endpoint) == "chat" else "completions"
         attempts = self.max_retries + 1
         last_error = ""
         for attempt in range(attempts):
             retry_after: float | None = None
+            server = self.fleet.acquire()
+            url = f"{server.url}/{path}"
             try:
                 response = self._client.post(url, json=body)
             except httpx.TransportError as error:  # includes httpx.TimeoutException
-                last_error = f"{type(error).__name__}: {error}"
+                last_error = f"{url}: {type(error).__name__}: {error}"
             else:
                 if response.status_code == 429 or response.status_code >= 500:
-                    last_error = f"HTTP {response.status_code}: {self._error_text(response)}"
+                    last_error = f"{url}: HTTP {response.status_code}: {self._error_text(response)}"
                     retry_after = _retry_after_seconds(response)
                 elif response.status_code >= 400:
+                    self.fleet.release(server, ok=True)  # the request was wrong, not the server
                     raise UserError(
                         f"{url} rejected the request with HTTP {response.status_code}: {self._error_text(response)}"
                     )
                 else:
+                    self.fleet.release(server, ok=True)
                     return _json_body(response, url)
+            self.fleet.release(server, ok=False, out_for=retry_after)
             if attempt + 1 < attempts:
-                delay = retry_after if retry_after is not None else self._backoff_s(attempt)
-                log.warning(
-                    "%s failed (%s); retry %d/%d in %.2fs", url, last_error, attempt + 1, self.max_retries, delay
-                )
+                # Another server in rotation takes the retry at once; a lone server gets the backoff.
+                if self.fleet.others_up(server):
+                    delay = 0.0
+                else:
+                    delay = retry_after if retry_after is not None else self._backoff_s(attempt)
+                log.warning("%s; retry %d/%d in %.2fs", last_error, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
-        raise RuntimeError(f"{url} failed after {attempts} attempts; last error: {last_error}")
+        raise RuntimeError(f"{self.base_url}/{path} failed after {attempts} attempts; last error: {last_error}")
 
     def _backoff_s(self, attempt: int) -> float:
         """Exponential backoff with jitter for retry number `attempt` (0-based)."""
@@ -509,7 +590,7 @@ def load(model_name: str, settings: OpenAISettings, base_dir: str, seed: int) ->
     """
     return OpenAIBackend(
         model=model_name,
-        base_url=settings.base_url,
+        base_url=settings.base_urls or settings.base_url,
         api_key=os.environ.get(settings.api_key_env) or None,
         max_concurrency=settings.max_concurrency,
         timeout_s=settings.timeout_s,
@@ -519,4 +600,5 @@ def load(model_name: str, settings: OpenAISettings, base_dir: str, seed: int) ->
         endpoint=settings.endpoint,
         scoring=settings.scoring,
         top_logprobs=settings.top_logprobs,
+        server_cooldown_s=settings.server_cooldown_s,
     )

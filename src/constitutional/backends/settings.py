@@ -8,7 +8,7 @@ run seed, never the whole config.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from constitutional.errors import UserError
@@ -53,6 +53,10 @@ class OpenAISettings:
     """Any OpenAI-compatible completions server (vLLM, llama.cpp, TGI, hosted)."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
+    # A fleet: several servers of the same model (overrides base_url). Requests go to the least busy
+    # server in rotation; a failing one is out for server_cooldown_s, then tried again.
+    base_urls: list[str] = field(default_factory=list)
+    server_cooldown_s: float = 30.0
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the config
     max_concurrency: int = 8
     timeout_s: float = 120.0
@@ -70,9 +74,10 @@ class OpenAISettings:
     top_logprobs: int = 20  # k of top_logprobs scoring (OpenAI allows at most 20)
 
     def validate(self) -> None:
+        for key, url in [("base_url", self.base_url)] + [(f"base_urls[{i}]", u) for i, u in enumerate(self.base_urls)]:
+            require(url.startswith(("http://", "https://")), f"openai.{key}: expected an http(s) URL, got {url!r}")
         require(
-            self.base_url.startswith(("http://", "https://")),
-            f"openai.base_url: expected an http(s) URL, got {self.base_url!r}",
+            self.server_cooldown_s >= 0, f"openai.server_cooldown_s: expected 0 or more, got {self.server_cooldown_s}"
         )
         require_positive("openai.top_logprobs", self.top_logprobs)
         require(
