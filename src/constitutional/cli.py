@@ -30,6 +30,8 @@ examples:
   cai run my.yaml --stages critique --set models.helpful=./my-model --set models.helpful.backend=openai
   cai run configs/quickstart.yaml --set feedback.cot=true --rerun     (an ablation on the same run)
   cai report runs/quickstart                                           (rebuild runs/quickstart/eval/report.html)
+  cai run big.yaml --stages critique --shard 3/8 --run-dir runs/big-3    (one machine's share)
+  cai merge runs/big runs/big-0 ... runs/big-7 --stage critique        (then run the next stages on runs/big)
 
 Interrupt a run at any point and run the same command again: finished work is kept and the run
 continues where it stopped. Changing a setting of a stage that already ran is refused (exit 2,
@@ -66,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run stages whose settings or inputs changed again (their old outputs move to RUN_DIR/previous/)",
     )
     run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="make only shard I of N of a generating stage (critique, pairs, feedback), in this run directory; "
+        "gather the shards with `cai merge`",
+    )
+    run.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -87,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompts", required=True, metavar="FILE")
     score.add_argument("--responses", required=True, metavar="FILE")
     score.add_argument("--batch-size", type=int, default=8, metavar="N")
+
+    merge = commands.add_parser(
+        "merge",
+        help="gather the shards of a stage (cai run --shard i/n) into one run directory",
+        description=(
+            "Merge STAGE's records from every SHARD_DIR into RUN_DIR (the run the shards were copied from), after "
+            "checking that every shard 0..n-1 is there once, finished, with the same settings and inputs, and that "
+            "no record is lost or doubled. Otherwise nothing is merged and the culprit is named."
+        ),
+    )
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="the run directory that receives the merged records")
+    merge.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="the shards' run directories")
+    merge.add_argument("--stage", required=True, help="critique, pairs or feedback")
 
     report = commands.add_parser(
         "report",
@@ -123,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_score(args)
         if args.command == "report":
             return command_report(args)
+        if args.command == "merge":
+            return command_merge(args)
         return command_prepare_model(args)
     except UserError as error:
         print(f"cai: error: {error}", file=sys.stderr)
@@ -135,14 +158,26 @@ def main(argv: list[str] | None = None) -> int:
 def command_run(args: argparse.Namespace) -> int:
     from constitutional.config import load_config
     from constitutional.pipeline import parse_stages, run_pipeline
+    from constitutional.sharding import parse_shard
 
     config = load_config(args.config, args.overrides)
     stages = parse_stages(args.stages)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-    run = run_pipeline(config, run_dir, stages, rerun=args.rerun)
-    print(f"done: {run.root} ({', '.join(stages)})")
+    shard = parse_shard(args.shard) if args.shard else None
+    run = run_pipeline(config, run_dir, stages, rerun=args.rerun, shard=shard)
+    print(f"done: {run.root} ({', '.join(stages)}{f', shard {shard}' if shard else ''})")
     if "eval" in stages:
         print_headline(run.root)
+    return 0
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    from constitutional.rundir import RunDir
+    from constitutional.sharding import merge_shards
+
+    counts = merge_shards(RunDir(Path(args.run_dir)), [RunDir(Path(path)) for path in args.shard_dirs], args.stage)
+    merged = ", ".join(f"{count} {name}" for name, count in counts["records"].items())
+    print(f"merged {len(args.shard_dirs)} shards of {args.stage} into {args.run_dir}: {merged}")
     return 0
 
 

@@ -18,7 +18,9 @@ import yaml
 
 from constitutional.config import stage_settings
 from constitutional.errors import UserError
+from constitutional.records import read_records
 from constitutional.rundir import ARTEFACTS, RunDir
+from constitutional.sharding import RECORD_FILES, SHARDABLE
 from constitutional.stages import STAGES, stage_modules
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def parse_stages(text: str | None) -> list[str]:
     return [name for name in STAGES if name in names]
 
 
-def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = False) -> RunDir:
+def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = False, shard: Any = None) -> RunDir:
     """Run `stages` of `config` in `run_dir`.
 
     Every stage's inputs are loaded and validated, and the plan is checked against what the run
@@ -53,13 +55,16 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
         run_dir: the run directory (created if needed).
         stages: the stages to run, in pipeline order.
         rerun: run stale stages again (their outputs are archived) instead of refusing.
+        shard: a `sharding.Shard`: make only this shard's records (generating stages only; see
+            `cai merge`).
 
     Raises:
         UserError: bad input; stale stages without `rerun`; `rerun` where there is no run; a stage
             whose upstream artefacts no stage has made or will make.
     """
     modules = stage_modules()
-    run = RunDir(run_dir)
+    run = RunDir(run_dir, shard=shard)
+    check_shards(run, stages, modules, config)
     if rerun and not run.exists():
         raise UserError(f"{run.root}: --rerun: there is no run here to rerun (no manifest.json)")
     inputs = {name: modules[name].check(config, getattr(config, name)) for name in stages}
@@ -84,11 +89,20 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
     settings = getattr(config, name)
     upstream = {artefact: run.fingerprint(artefact) for artefact in all_reads(config, module)}
     run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream})
+    if run.shard is not None:
+        run.update_stage(name, shard=str(run.shard))
     try:
         counts = module.run(config, settings, run, inputs)
     except BaseException as error:
         run.fail_stage(name, _describe(error))
         raise
+    if run.shard is not None:  # what `cai merge` checks each shard's files against
+        records = {
+            artefact: len(read_records(run.path(artefact)))
+            for artefact in RECORD_FILES
+            if ARTEFACTS[artefact].made_by == name and run.path(artefact).exists()
+        }
+        run.update_stage(name, records=records)
     run.finish_stage(name, counts)
     log.info("%s: done %s", name, counts)
 
@@ -174,6 +188,35 @@ def check_upstream(
                 f"stage {name!r} reads {run.path(artefact)}, which stage {maker!r} makes, and {maker!r} {state} "
                 f"in {run.root}: add it to --stages (e.g. --stages {maker},{name})"
             )
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def check_shards(run: RunDir, stages: list[str], modules: dict[str, ModuleType], config: Any) -> None:
+    """A sharded run makes only generating stages, one shard per run directory, never from unmerged shards.
+
+    Raises:
+        UserError: a stage that cannot be sharded; a run directory holding another shard (or an
+            unsharded run of the stage); a stage that would read a shard's records before `cai merge`.
+    """
+    if run.shard is not None:
+        for name in stages:
+            if name not in SHARDABLE:
+                raise UserError(f"--shard: stage {name!r} cannot be sharded (sharded stages: {', '.join(SHARDABLE)})")
+    for name in stages:
+        entry = run.stage_entry(name)
+        recorded, wanted = entry.get("shard"), (str(run.shard) if run.shard is not None else None)
+        if entry.get("status", "pending") != "pending" and recorded != wanted:
+            held = f"shard {recorded}" if recorded else "an unsharded run"
+            raise UserError(f"{run.root}: stage {name} there holds {held}; use one run directory per shard")
+        for artefact in all_reads(config, modules[name]):
+            maker = ARTEFACTS[artefact].made_by
+            if maker != name and run.stage_entry(maker).get("shard") and run.stage_entry(maker).get("status") == "done":
+                raise UserError(
+                    f"{run.root}: stage {name} reads {ARTEFACTS[artefact].path}, which holds only shard "
+                    f"{run.stage_entry(maker)['shard']} of {maker}: `cai merge` the shards first"
+                )
 
 
 # ----------------------------------------------------------------------------- helpers

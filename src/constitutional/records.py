@@ -202,6 +202,7 @@ def append_in_chunks(
     desc: str,
     unit: str = "record",
     units: Callable[[Item], int] = lambda item: 1,
+    shard: Any = None,
 ) -> int:
     """Make one record file resumably: skip finished items, open the model, process the rest in chunks.
 
@@ -223,10 +224,13 @@ def append_in_chunks(
         chunk_size: items per chunk.
         desc, unit: progress bar label and unit.
         units: how many progress units an item is worth (e.g. generated turns).
+        shard: a `sharding.Shard`: only the items whose ids it holds are made (`--shard i/n`).
 
     Returns:
         The number of items that were still to do.
     """
+    if shard is not None:
+        items = [item for item in items if shard.holds(item_id(item))]
     done = {record["id"] for record in read_records(output, repair=True)}
     todo = [item for item in items if item_id(item) not in done]
     log.info("%s: %d items, %d already done, %d to go", desc, len(items), len(items) - len(todo), len(todo))

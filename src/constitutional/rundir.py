@@ -87,6 +87,7 @@ class RunDir:
     """A run directory: its artefacts, the manifest, and the archive of replaced outputs."""
 
     root: Path
+    shard: Any = None  # a sharding.Shard while running a stage with --shard i/n
 
     # ------------------------------------------------------------------------- paths
 

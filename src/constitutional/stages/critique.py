@@ -154,6 +154,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         desc="critique",
         unit="turn",
         units=lambda pair: 1 + 2 * settings.rounds if pair[1] == "red_team" else 1,
+        shard=run_dir.shard,
     )
     return summarize(read_records(output))
 

@@ -82,6 +82,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: C
         chunk_size=settings.chunk_size,
         desc="feedback",
         unit="pair",
+        shard=run_dir.shard,
     )
     labels = read_records(output)
     return {

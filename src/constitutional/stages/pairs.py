@@ -93,6 +93,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: ModelSp
         chunk_size=settings.chunk_size,
         desc="pairs",
         unit="prompt",
+        shard=run_dir.shard,
     )
     written = read_records(output)
     return {"prompts": len(prompts), "pairs": len(written), "dropped_identical": len(prompts) - len(written)}
