@@ -100,6 +100,9 @@ class VLLMSettings:
     dtype: str = "auto"
     max_model_len: int | None = None
     trust_remote_code: bool = False
+    # The few-shot examples every critique and feedback prompt starts with are computed once and
+    # their KV blocks reused (vLLM's automatic prefix caching).
+    enable_prefix_caching: bool = True
 
     def validate(self) -> None:
         require_positive("vllm.tensor_parallel_size", self.tensor_parallel_size)

@@ -80,6 +80,7 @@ def load(model_name: str, settings: VLLMSettings, base_dir: str, seed: int) -> V
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_model_len=settings.max_model_len,
         trust_remote_code=settings.trust_remote_code,
+        enable_prefix_caching=settings.enable_prefix_caching,
         seed=seed,
     )
     return VLLMBackend(engine, f"vllm:{fingerprint(ref)}")
