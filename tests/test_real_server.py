@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server(tmp_path_factory):
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed (see module docstring)")
     from constitutional.models import embedded_gguf_path
 
@@ -67,13 +67,16 @@ def llama_server():
         "--model_alias",
         "embedded-gguf",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server logs a lot (100+ kB while loading): to a file, never to a pipe nobody drains.
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    log_file = log_path.open("w")
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"llama.cpp server exited: {process.stderr.read()[-2000:]}")
+                pytest.fail(f"llama.cpp server exited: {log_path.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                     break
@@ -85,6 +88,7 @@ def llama_server():
     finally:
         process.terminate()
         process.wait(timeout=30)
+        log_file.close()
 
 
 def server_config(url: str, tmp_path: Path, **sections) -> object:
