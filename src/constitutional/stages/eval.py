@@ -208,7 +208,8 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         Counts and headline figures for the manifest.
     """
     contenders, missing = find_models(config, settings, run_dir)
-    prompts = held_out_prompts(config, settings, run_dir)
+    trained = trained_prompts(run_dir)  # read once: the split below and the count in the metrics
+    prompts = held_out_prompts(config, settings, run_dir, trained)
     missing += exhausted_prompt_sets(config, settings, prompts)
     for contender in contenders:
         answer_prompts(config, settings, run_dir, contender, prompts, inputs.assistant_preamble)
@@ -225,7 +226,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     metrics["model_paths"] = {contender.name: contender.spec.name for contender in contenders}
     metrics["prompts"] = {name: len(items) for name, items in prompts.items()}
     # The split: held-out prompts per set are in eval/prompts.jsonl; these texts were never eligible.
-    metrics["trained_prompts_excluded"] = len(trained_prompts(run_dir))
+    metrics["trained_prompts_excluded"] = len(trained)
     metrics["missing"] = missing
     write_json_atomic(run_dir.path("eval_metrics"), metrics)
     write_model_cards(run_dir, config, metrics)
@@ -277,14 +278,15 @@ def archived_rl_models(run_dir: RunDir, backend: str | None) -> list[Contender]:
     return contenders
 
 
-def held_out_prompts(config: CoreConfig, settings: Settings, run_dir: RunDir) -> dict[str, list[dict[str, Any]]]:
+def held_out_prompts(
+    config: CoreConfig, settings: Settings, run_dir: RunDir, trained: set[str]
+) -> dict[str, list[dict[str, Any]]]:
     """The prompts of each set that no model of the run trained on, capped; kept in eval/prompts.jsonl.
 
     Written once: a resumed eval answers exactly the prompts it started with.
     """
     path = run_dir.path("eval_prompts")
     if not path.exists():
-        trained = trained_prompts(run_dir)
         rows = []
         for prompt_set in PROMPT_SETS:
             for item in load_prompt_set(config, settings, prompt_set, exclude=trained):
