@@ -15,6 +15,18 @@ def test_quickstart_loads_and_names_every_key():
     assert config.base_dir == str((REPO / "configs").resolve())
 
 
+def test_7b_recipe_loads_with_the_papers_proportions():
+    config = load_config(REPO / "configs" / "recipe-7b.yaml")
+    assert config.critique.rounds == 4  # the paper's revisions per prompt
+    # 135,296 helpfulness samples beside 182,831 red-team ones, in the SL mix and in the PM mix.
+    paper_share = 135_296 / (135_296 + 182_831)
+    assert config.sl.helpful_fraction == pytest.approx(paper_share, abs=1e-3)
+    assert config.pm.helpful_fraction == pytest.approx(paper_share, abs=1e-3)
+    assert config.pm.init == "base" and config.sl.epochs == 1 and config.pairs.temperature == 1.0
+    assert config.backend == "vllm" and config.vllm.enable_prefix_caching
+    assert config.training.gradient_checkpointing and config.training.precision == "bf16"
+
+
 def test_overrides_parse_yaml_values_and_promote_model_names(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("models:\n  helpful: embedded\n")

@@ -60,7 +60,6 @@ def sft_trainer(model_dir, output_dir):
         learning_rate=1e-3,
         completion_only_loss=True,
         packing=False,
-        activation_checkpointing=False,
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
@@ -268,11 +267,13 @@ def test_trainer_arguments_on_a_cpu_only_machine(monkeypatch, tmp_path):
         "use_cpu": True,
         "bf16": False,
         "fp16": False,
+        "activation_checkpointing": False,
         "dataloader_pin_memory": False,
         "dataloader_num_workers": 0,
         "report_to": [],
     }
     assert trainer_arguments(TrainingSettings()) == expected
+    assert trainer_arguments(TrainingSettings(gradient_checkpointing=True))["activation_checkpointing"] is True
     assert trainer_arguments(TrainingSettings(device="cpu", precision="fp32")) == expected
     assert trainer_arguments(TrainingSettings(precision="bf16"))["bf16"] is True  # bf16 autocast on CPU, when asked
     assert trainer_arguments(TrainingSettings(report_to="tensorboard"))["report_to"] == ["tensorboard"]

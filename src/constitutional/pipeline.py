@@ -16,12 +16,16 @@ from typing import Any
 
 import yaml
 
+from constitutional import distributed
 from constitutional.config import stage_settings
 from constitutional.errors import UserError
 from constitutional.records import read_records
 from constitutional.rundir import ARTEFACTS, RunDir
 from constitutional.sharding import RECORD_FILES, SHARDABLE
 from constitutional.stages import STAGES, stage_modules
+
+# The stages that train: the only ones that spread over the processes of an `accelerate launch`.
+TRAINING_STAGES = ("sl", "pm", "rl")
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
     """
     modules = stage_modules()
     run = RunDir(run_dir, shard=shard)
+    check_launch(stages, shard)
     check_shards(run, stages, modules, config)
     if rerun and not run.exists():
         raise UserError(f"{run.root}: --rerun: there is no run here to rerun (no manifest.json)")
@@ -73,9 +78,11 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
     if stale and not rerun:
         raise UserError(describe_stale(run, stale, affected))
     check_upstream(config, run, modules, stages, set(affected))
-    if affected:
-        run.archive(affected)
-    write_config(run, config)
+    distributed.init(config.training.device)
+    if distributed.is_main_process():  # under a multi-process launch, only process 0 writes
+        if affected:
+            run.archive(affected)
+        write_config(run, config)
     for name in stages:
         _run_stage(config, run, modules[name], inputs[name])
     return run
@@ -83,19 +90,25 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
 
 def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> None:
     name = module.NAME
+    distributed.wait_for_everyone()  # every process reads the manifest as process 0 left it
     if run.stage_status(name) == "done":
         log.info("%s: already done with these settings, skipping", name)
         return
     settings = getattr(config, name)
-    upstream = {artefact: run.fingerprint(artefact) for artefact in all_reads(config, module)}
-    run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream})
-    if run.shard is not None:
-        run.update_stage(name, shard=str(run.shard))
+    main = distributed.is_main_process()
+    if main:
+        upstream = {artefact: run.fingerprint(artefact) for artefact in all_reads(config, module)}
+        run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream})
+        if run.shard is not None:
+            run.update_stage(name, shard=str(run.shard))
     try:
         counts = module.run(config, settings, run, inputs)
     except BaseException as error:
-        run.fail_stage(name, _describe(error))
+        if main:
+            run.fail_stage(name, _describe(error))
         raise
+    if not main:
+        return
     if run.shard is not None:  # what `cai merge` checks each shard's files against
         records = {
             artefact: len(read_records(run.path(artefact)))
@@ -188,6 +201,29 @@ def check_upstream(
                 f"stage {name!r} reads {run.path(artefact)}, which stage {maker!r} makes, and {maker!r} {state} "
                 f"in {run.root}: add it to --stages (e.g. --stages {maker},{name})"
             )
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def check_launch(stages: list[str], shard: Any) -> None:
+    """Under a multi-process launch (`accelerate launch`, `torchrun`) only the training stages run.
+
+    Raises:
+        UserError: a generating stage or `--shard` with more than one process: generation scales
+            out with `--shard` across machines and with the back ends' own parallelism instead.
+    """
+    processes = distributed.world_size()
+    if processes == 1:
+        return
+    others = [name for name in stages if name not in TRAINING_STAGES]
+    if others or shard is not None:
+        what = f"stage(s) {', '.join(others)}" if others else "--shard"
+        raise UserError(
+            f"this launch has {processes} processes, and {what} would run once in each: under accelerate launch "
+            f"run only the training stages ({', '.join(TRAINING_STAGES)}), e.g. --stages sl; run the others in one "
+            "process (vllm or a server fleet spreads generation over GPUs; --shard over machines)"
+        )
 
 
 # ----------------------------------------------------------------------------- shards

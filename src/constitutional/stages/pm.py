@@ -37,6 +37,7 @@ from constitutional.backends import Backend, SamplingParams
 from constitutional.backends.settings import require, require_positive
 from constitutional.comparisons import LabelOptions, label_comparisons, sample_pairs
 from constitutional.constitution import Constitution, load_constitution
+from constitutional.distributed import is_main_process, main_process_first
 from constitutional.errors import UserError
 from constitutional.models import ModelRef, fingerprint, load_sequence_classifier, load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel, pm_transcript, soft_bradley_terry_loss
@@ -58,12 +59,13 @@ from constitutional.training import (
     SUMMARY,
     LoraSettings,
     TrainingSettings,
+    check_launch,
     check_scheduler,
     checkpoint_step,
     is_complete_model,
     last_complete_checkpoint,
     remove_checkpoints,
-    save_model_atomic,
+    save_trained_model,
     tokens_seen,
     trainer_arguments,
 )
@@ -149,6 +151,7 @@ class Inputs:
 
 def check(config: CoreConfig, settings: Settings) -> Inputs:
     """Load the human comparisons and resolve the starting model; writes nothing."""
+    check_launch(NAME, merge_lora=settings.lora.enabled)
     spec = config.data.human_preferences
     human, constitution = [], None
     if spec == "none":
@@ -191,7 +194,8 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     Returns:
         Counts for the manifest: rows per source and split, training figures, held-out accuracies.
     """
-    counts = write_mix(config, settings, run_dir, inputs)
+    with main_process_first():  # under a multi-process launch: made once, then read by every process
+        counts = write_mix(config, settings, run_dir, inputs)
     model_path = run_dir.path("pm")
     init = inputs.init or resolve_model_name(str(run_dir.path("sl_cai").resolve()), config.base_dir)
     if is_complete_model(model_path):
@@ -199,6 +203,8 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         summary = json.loads((model_path / SUMMARY).read_text(encoding="utf-8"))
     else:
         summary = train(config.training, settings, config.seed, init, run_dir)
+    if not is_main_process():  # the other processes of a launch only help train
+        return {**counts, **summary}
     report = evaluate(settings, run_dir, inputs.harmlessness_eval, config.seed)
     accuracies = {source: values["pm"] for source, values in report["accuracy"].items()}
     return {**counts, **summary, "held_out_accuracy": accuracies}
@@ -396,8 +402,7 @@ def train(training: TrainingSettings, settings: Settings, seed: int, init: Model
         "train_loss": round(sum(losses) / len(losses) if losses else result.training_loss, 6),
         "train_tokens_per_s": round((trainer.state.num_input_tokens_seen - tokens_before) / seconds, 2),
     }
-    model = trainer.model.merge_and_unload() if settings.lora.enabled else trainer.model
-    save_model_atomic(model, tokenizer, run_dir.path("pm"), summary, trainer.state)
+    save_trained_model(trainer, tokenizer, run_dir.path("pm"), summary, merge_lora=settings.lora.enabled)
     remove_checkpoints(checkpoints)
     return summary
 
@@ -444,7 +449,6 @@ def build_trainer(
         max_length=settings.max_length,
         seed=seed,
         data_seed=seed,
-        activation_checkpointing=False,  # recomputation costs ~25% more; a single-device PM fits without it
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from constitutional.backends import SamplingParams
 from constitutional.backends.settings import require, require_positive
+from constitutional.distributed import is_main_process, world_size
 from constitutional.errors import UserError
 from constitutional.models import load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel
@@ -51,8 +52,10 @@ from constitutional.training import (
     SUMMARY,
     LoraSettings,
     TrainingSettings,
+    check_launch,
     is_complete_model,
     save_model_atomic,
+    save_trained_model,
     trainer_arguments,
 )
 
@@ -125,8 +128,20 @@ def reads(config: CoreConfig, settings: Settings) -> list[str]:
 
 
 def check(config: CoreConfig, settings: Settings) -> None:
-    """Nothing outside the run directory: SL-CAI and the PM are this run's own artefacts."""
-    return None
+    """Nothing outside the run directory (SL-CAI and the PM are this run's own); what the launch allows.
+
+    Raises:
+        UserError: an online algorithm under a multi-process launch (only DPO spreads over
+            processes: PPO, RLOO and GRPO here generate and score in one process); LoRA merging
+            under a sharded launch.
+    """
+    if world_size() > 1 and settings.algorithm != "dpo":
+        raise UserError(
+            f"rl.algorithm: {settings.algorithm} runs in one process (rollouts, scoring and updates on one device); "
+            f"this launch has {world_size()} processes. Run `cai run CONFIG --stages rl` without accelerate launch, "
+            "or use rl.algorithm: dpo"
+        )
+    check_launch(NAME, merge_lora=settings.lora.enabled)
 
 
 def input_hashes(inputs: None) -> dict[str, str]:
@@ -221,6 +236,9 @@ def load_models(training: TrainingSettings, settings: Settings, run_dir: RunDir,
     else:
         value = AutoModelForSequenceClassification.from_pretrained(str(run_dir.path("pm")), dtype=torch.float32)
         value.config.pad_token_id = tokenizer.pad_token_id
+    if training.gradient_checkpointing:
+        # Non-reentrant: it needs no gradient on the inputs, which LoRA's frozen embeddings lack.
+        policy.activation_checkpointing_enable({"use_reentrant": False})
     reference = None
     if settings.lora.enabled:
         from peft import get_peft_model
@@ -798,9 +816,9 @@ def run_dpo(config: CoreConfig, settings: Settings, run_dir: RunDir) -> dict[str
         peft_config=settings.lora.peft_config("CAUSAL_LM"),
     )  # fmt: skip
     result = trainer.train()
-    merged = trainer.model.merge_and_unload() if settings.lora.enabled else trainer.model
     summary = {"algorithm": "dpo", "pairs": len(pairs), "dropped_near_ties": dropped,
                "steps": trainer.state.global_step, "train_loss": round(result.training_loss, 6)}  # fmt: skip
-    save_model_atomic(merged, tokenizer, run_dir.path("rl_cai"), summary, trainer.state)
-    shutil.rmtree(run_dir.checkpoints(NAME), ignore_errors=True)
+    save_trained_model(trainer, tokenizer, run_dir.path("rl_cai"), summary, merge_lora=settings.lora.enabled)
+    if is_main_process():
+        shutil.rmtree(run_dir.checkpoints(NAME), ignore_errors=True)
     return summary

@@ -35,13 +35,14 @@ from constitutional.training import (
     SUMMARY,
     LoraSettings,
     TrainingSettings,
+    check_launch,
     check_scheduler,
     checkpoint_step,
     is_complete_model,
     last_complete_checkpoint,
     loss_positions_only,
     remove_checkpoints,
-    save_model_atomic,
+    save_trained_model,
     tokens_seen,
     trainer_arguments,
 )
@@ -113,8 +114,9 @@ def check(config: CoreConfig, settings: Settings) -> ModelRef:
         The resolved base model.
 
     Raises:
-        UserError: a bad model name, naming the key.
+        UserError: a bad model name, naming the key; LoRA merging under a sharded launch.
     """
+    check_launch(NAME, merge_lora=settings.lora.enabled and settings.lora.merge)
     try:
         return resolve_model_name(config.models.base.name, config.base_dir)
     except UserError as error:
@@ -220,8 +222,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, base_model: Mod
     )
     checkpoints = run_dir.checkpoints(NAME)
     trainer, summary = train(config.training, settings, config.seed, base_model, tokenizer, examples, checkpoints)
-    model = trainer.model.merge_and_unload() if settings.lora.enabled and settings.lora.merge else trainer.model
-    save_model_atomic(model, tokenizer, output, summary, trainer.state)
+    save_trained_model(trainer, tokenizer, output, summary, merge_lora=settings.lora.enabled and settings.lora.merge)
     # Checkpoints only serve to resume this stage; with full fine-tuning each holds weights and
     # optimizer state (about 3x the model), so they go once the model is safely in place.
     remove_checkpoints(checkpoints)
@@ -322,9 +323,6 @@ def build_trainer(
         shuffle_dataset=False,  # the examples are shuffled with the seed already; the sampler reshuffles
         seed=seed,
         data_seed=seed,
-        # TRL turns activation checkpointing on by default; recomputing activations costs ~20-30%
-        # more compute, and a model trained on one device (the embedded one) fits without it.
-        activation_checkpointing=False,
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,
@@ -334,7 +332,8 @@ def build_trainer(
         disable_tqdm=False,
         push_to_hub=False,
         eval_strategy="no",
-        **trainer_arguments(training),  # device, precision (SFTConfig would default to bf16), trackers
+        # device, precision (SFTConfig would default to bf16), gradient checkpointing, trackers
+        **trainer_arguments(training),
     )
     return SFTTrainer(
         model=model,
