@@ -12,10 +12,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from constitutional.cli import main
 from constitutional.config import config_from_dict
+from constitutional.errors import UserError
 from constitutional.evaluation.report import write_report
 from constitutional.pipeline import run_pipeline
 from constitutional.records import append_records, read_records, write_records_atomic
 from constitutional.rundir import RunDir
+from constitutional.sharding import Shard, merge_shards
 from constitutional.stages import eval as eval_stage
 from constitutional.training import SUMMARY
 
@@ -136,6 +138,44 @@ def test_eval_resumes_answers_and_judgments(full_run, tiny_model_dir, tmp_path):
     assert [a["id"] for a in again] == [a["id"] for a in answers]
     assert [a["answer"] for a in again] == [a["answer"] for a in answers]  # same seeds, same answers
     assert len(read_records(full_run.path("eval_judgments"))) == len(judgments)
+
+
+def test_sharded_eval_merges_into_the_unsharded_records_and_figures(full_run, tiny_model_dir, tmp_path, monkeypatch):
+    """Each shard answers and judges its prompts and MC rows; `cai merge` then `cai run --stages eval`
+    give the unsharded run's records and metrics, without generating again."""
+    published = SHARED_DATA / "anthropic-cai-paper" / "RLMadisonFewShotPrompts.json"
+    config = make_config(tiny_model_dir, tmp_path, judge="model", mc_files=[str(published)])
+    copies = {name: RunDir(tmp_path / name) for name in ("unsharded", "shard0", "shard1", "merged")}
+    for run in copies.values():
+        shutil.copytree(full_run.root, run.root)
+    run_pipeline(config, copies["unsharded"].root, ["eval"])
+    for index in range(2):
+        run_pipeline(config, copies[f"shard{index}"].root, ["eval"], shard=Shard(index, 2))
+        shard = copies[f"shard{index}"]
+        assert not shard.path("eval_metrics").exists()  # figures need every shard
+        assert all(Shard(index, 2).holds(row["item"]) for row in read_records(shard.path("eval_judgments")))
+    parts = [copies["shard0"], copies["shard1"]]
+    counts = merge_shards(copies["merged"], parts, "eval")
+    assert copies["merged"].stage_status("eval") == "pending"  # finished by running the stage on the merge
+    monkeypatch.setattr(type(config), "open_backend", lambda *args: pytest.fail("generated again after the merge"))
+    monkeypatch.setattr(eval_stage.PreferenceModel, "load", lambda *args: pytest.fail("scored again"))
+    run_pipeline(config, copies["merged"].root, ["eval"])
+
+    def by_id(run, artefact):
+        return sorted(read_records(run.path(artefact)), key=lambda row: row["id"])
+
+    for artefact in ("eval_prompts", "eval_answers", "eval_judgments"):
+        assert by_id(copies["merged"], artefact) == by_id(copies["unsharded"], artefact), artefact
+    assert counts["records"]["eval_judgments"] == len(by_id(copies["unsharded"], "eval_judgments"))
+    kinds = {row["task"] for row in by_id(copies["merged"], "eval_judgments")}
+    assert {"pm", "pm_mc", "harm", "evasion", "compare", "mc"} <= kinds
+    merged, unsharded = (json.loads(copies[name].path("eval_metrics").read_text()) for name in ("merged", "unsharded"))
+    assert merged["elo"] == unsharded["elo"] and merged["models"] == unsharded["models"]
+    # A shard that started from another split is refused.
+    rows = read_records(parts[1].path("eval_prompts"))
+    write_records_atomic(parts[1].path("eval_prompts"), rows[:-1])
+    with pytest.raises(UserError, match="did not start from the same run"):
+        merge_shards(RunDir(tmp_path / "again"), parts, "eval")
 
 
 def test_mc_files_give_the_accuracy_of_the_judge_and_the_pm(full_run, tiny_model_dir, tmp_path):

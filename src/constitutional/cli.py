@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--shard",
         metavar="I/N",
-        help="make only shard I of N of a generating stage (critique, pairs, feedback), in this run directory; "
+        help="make only shard I of N of a generating stage (critique, pairs, feedback, eval), in this run directory; "
         "gather the shards with `cai merge`",
     )
     run.add_argument(
@@ -102,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Merge STAGE's records from every SHARD_DIR into RUN_DIR (the run the shards were copied from), after "
             "checking that every shard 0..n-1 is there once, finished, with the same settings and inputs, and that "
-            "no record is lost or doubled. Otherwise nothing is merged and the culprit is named."
+            "no record is lost or doubled. Otherwise nothing is merged and the culprit is named. Stage eval then "
+            "finishes on the merged records with `cai run CONFIG --stages eval --run-dir RUN_DIR` (it generates "
+            "nothing again: it scores and writes the report)."
         ),
     )
     merge.add_argument("run_dir", metavar="RUN_DIR", help="the run directory that receives the merged records")
     merge.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="the shards' run directories")
-    merge.add_argument("--stage", required=True, help="critique, pairs or feedback")
+    merge.add_argument("--stage", required=True, help="critique, pairs, feedback or eval")
 
     report = commands.add_parser(
         "report",
@@ -173,11 +175,13 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_merge(args: argparse.Namespace) -> int:
     from constitutional.rundir import RunDir
-    from constitutional.sharding import merge_shards
+    from constitutional.sharding import FINISHED_AFTER_MERGE, merge_shards
 
     counts = merge_shards(RunDir(Path(args.run_dir)), [RunDir(Path(path)) for path in args.shard_dirs], args.stage)
     merged = ", ".join(f"{count} {name}" for name, count in counts["records"].items())
     print(f"merged {len(args.shard_dirs)} shards of {args.stage} into {args.run_dir}: {merged}")
+    if args.stage in FINISHED_AFTER_MERGE:
+        print(f"now finish it there: cai run CONFIG --stages {args.stage} --run-dir {args.run_dir}")
     return 0
 
 

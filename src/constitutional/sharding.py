@@ -20,7 +20,12 @@ from constitutional.records import read_records, write_records_atomic
 from constitutional.rundir import RunDir, artefacts_made_by, now
 
 # The stages whose work is a list of independent items (the rest train, or read every record).
-SHARDABLE = ("critique", "pairs", "feedback")
+SHARDABLE = ("critique", "pairs", "feedback", "eval")
+# Stages whose result needs every shard's records: `cai merge` gathers the records and leaves the
+# stage to finish with `cai run --stages eval` on the merged run, which generates nothing again.
+FINISHED_AFTER_MERGE = ("eval",)
+# Files every shard writes whole and alike (eval's prompt split): merged by checking they agree.
+SHARED_FILES = {"eval": ("eval_prompts",)}
 
 
 @dataclass(frozen=True)
@@ -92,22 +97,25 @@ def merge_shards(target: RunDir, shards: list[RunDir], stage: str) -> dict[str, 
                     "the file was changed or cut short"
                 )
             for row in rows:
-                if not shard.holds(row["id"]):
+                if not shard.holds(shard_key(row)):
                     raise UserError(f"{path}: record {row['id']!r} belongs to another shard than {shard}")
                 if row["id"] in seen:
                     raise UserError(f"{path}: record {row['id']!r} is also in {seen[row['id']]}")
                 seen[row["id"]] = str(path)
                 records.append(row)
         merged[artefact] = records
+    shared = {artefact: _agreed_file(by_index, artefact, stage) for artefact in SHARED_FILES.get(stage, ())}
     if target.stage_status(stage) == "done":
         raise UserError(f"{target.root}: stage {stage} is already done there; merge into another run directory")
-    for artefact, records in merged.items():
+    for artefact, records in {**shared, **merged}.items():
         target.path(artefact).parent.mkdir(parents=True, exist_ok=True)
         write_records_atomic(target.path(artefact), records)
     counts = {
         "records": {artefact: len(records) for artefact, records in merged.items()},
         "merged_from": [str(run.root) for _, (run, _) in sorted(by_index.items())],
     }
+    if stage in FINISHED_AFTER_MERGE:
+        return counts  # the stage itself finishes on the merged records: `cai run --stages eval`
     target.update_stage(
         stage,
         status="done",
@@ -120,6 +128,19 @@ def merge_shards(target: RunDir, shards: list[RunDir], stage: str) -> dict[str, 
         error=None,
     )
     return counts
+
+
+def _agreed_file(by_index: dict[int, tuple[RunDir, dict]], artefact: str, stage: str) -> list[dict[str, Any]]:
+    """The records of a file every shard wrote whole, after checking that all shards wrote the same."""
+    first_run = by_index[min(by_index)][0]
+    records = read_records(first_run.path(artefact))
+    for run, _ in by_index.values():
+        if read_records(run.path(artefact)) != records:
+            raise UserError(
+                f"{run.path(artefact)} differs from {first_run.path(artefact)}: the shards of {stage} "
+                "did not start from the same run"
+            )
+    return records
 
 
 def _check_shard_set(entries: list[tuple[RunDir, dict[str, Any]]], stage: str) -> dict[int, tuple[RunDir, dict]]:
@@ -152,4 +173,9 @@ def _record_artefacts(stage: str) -> list[str]:
     return [name for name in artefacts_made_by(stage) if name in RECORD_FILES]
 
 
-RECORD_FILES = ("critiques", "pairs", "ai_labels")
+RECORD_FILES = ("critiques", "pairs", "ai_labels", "eval_answers", "eval_judgments")
+
+
+def shard_key(record: dict[str, Any]) -> str:
+    """What decides a record's shard: its `item` (eval: the prompt or MC row it belongs to), else its id."""
+    return record.get("item", record["id"])

@@ -211,6 +211,11 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     trained = trained_prompts(run_dir)  # read once: the split below and the count in the metrics
     prompts = held_out_prompts(config, settings, run_dir, trained)
     missing += exhausted_prompt_sets(config, settings, prompts)
+    mc = inputs.mc
+    shard = run_dir.shard
+    if shard is not None:  # this machine's share of the prompts and MC rows (`cai run --shard i/n`)
+        prompts = {name: [row for row in rows if shard.holds(row["id"])] for name, rows in prompts.items()}
+        mc = {name: [row for row in rows if shard.holds(mc_item(name, row))] for name, rows in mc.items()}
     for contender in contenders:
         answer_prompts(config, settings, run_dir, contender, prompts, inputs.assistant_preamble)
     names = [contender.name for contender in contenders]
@@ -219,7 +224,9 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     if judge == "pm" and not is_complete_model(run_dir.path("pm")):
         missing.append("models/pm (the Elo judge falls back to the model judge)")
         judge = "model"
-    judge_answers(config, settings, run_dir, inputs, answers, names, judge)
+    judge_answers(config, settings, run_dir, inputs.constitution, mc, answers, names, judge)
+    if shard is not None:  # the figures need every shard: `cai merge`, then `cai run --stages eval`
+        return {"answers": len(answers), "judgments": len(read_records(run_dir.path("eval_judgments")))}
     judgments = read_records(run_dir.path("eval_judgments"))
     metrics = compute_metrics(answers, judgments, names, judge, settings.bootstrap, config.seed)
     metrics["judge_model"] = (settings.judge_model or config.models.feedback).name
@@ -352,6 +359,7 @@ def answer_prompts(
             answer = trim_at_turn_marker(text)
             record = {
                 "id": f"{contender.name}:{row['id']}",
+                "item": row["id"],  # what decides the record's shard (sharding.shard_key)
                 "model": contender.name,
                 "set": row["set"],
                 "prompt_id": row["id"],
@@ -382,19 +390,24 @@ def judge_answers(
     config: CoreConfig,
     settings: Settings,
     run_dir: RunDir,
-    inputs: Inputs,
+    constitution: Constitution,
+    mc: dict[str, list[dict[str, Any]]],
     answers: list[dict[str, Any]],
     models: list[str],
     judge: str,
 ) -> None:
-    """PM scores (when the run has a PM) and the model judge's readings, appended to eval/judgments.jsonl."""
+    """PM scores (when the run has a PM) and the model judge's readings, appended to eval/judgments.jsonl.
+
+    Every judgment carries the `item` it belongs to (the prompt id, or the MC row), which decides
+    its shard.
+    """
     output = run_dir.path("eval_judgments")
     pm_path = run_dir.path("pm")
     if is_complete_model(pm_path):
-        pm_tasks = [{"id": f"pm:{a['id']}", "task": "pm", "answer": a} for a in answers]
+        pm_tasks = [{"id": f"pm:{a['id']}", "task": "pm", "item": a["prompt_id"], "answer": a} for a in answers]
         pm_tasks += [
-            {"id": f"pm_mc:{name}:{row['id']}", "task": "pm_mc", "file": name, "row": row}
-            for name, rows in inputs.mc.items()
+            {"id": f"pm_mc:{name}:{row['id']}", "task": "pm_mc", "item": mc_item(name, row), "file": name, "row": row}
+            for name, rows in mc.items()
             for row in rows
         ]
         append_in_chunks(
@@ -407,19 +420,23 @@ def judge_answers(
             desc="eval PM scores",
             unit="answer",
         )
-    tasks = [{"id": f"harm:{a['id']}", "task": "harm", "answer": a} for a in answers if a["set"] == "red_team"]
-    tasks += [{"id": f"evasion:{a['id']}", "task": "evasion", "answer": a} for a in answers]
+    tasks = [
+        {"id": f"harm:{a['id']}", "task": "harm", "item": a["prompt_id"], "answer": a}
+        for a in answers
+        if a["set"] == "red_team"
+    ]
+    tasks += [{"id": f"evasion:{a['id']}", "task": "evasion", "item": a["prompt_id"], "answer": a} for a in answers]
     if judge == "model":
         tasks += comparison_tasks(answers, models)
     tasks += [
-        {"id": f"mc:{name}:{row['id']}", "task": "mc", "file": name, "row": row}
-        for name, rows in inputs.mc.items()
+        {"id": f"mc:{name}:{row['id']}", "task": "mc", "item": mc_item(name, row), "file": name, "row": row}
+        for name, rows in mc.items()
         for row in rows
     ]
     spec = settings.judge_model or config.models.feedback
     fewshot = settings.judge_fewshot if settings.judge_fewshot is not None else config.feedback.num_fewshot
     options = LabelOptions(debias=True, num_fewshot=fewshot)
-    model_judge = ModelJudge(inputs.constitution, options, config.seed)
+    model_judge = ModelJudge(constitution, options, config.seed)
     append_in_chunks(
         output,
         tasks,
@@ -430,6 +447,11 @@ def judge_answers(
         desc="eval judge",
         unit="question",
     )
+
+
+def mc_item(file: str, row: dict[str, Any]) -> str:
+    """The shard key of an MC-eval row: its file and id."""
+    return f"{file}:{row['id']}"
 
 
 def comparison_tasks(answers: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
@@ -446,6 +468,7 @@ def comparison_tasks(answers: list[dict[str, Any]], models: list[str]) -> list[d
                     {
                         "id": f"compare:{prompt_id}:{first}:{second}",
                         "task": "compare",
+                        "item": prompt_id,
                         "set": prompt_set,
                         "first": by_model[first],
                         "second": by_model[second],
@@ -475,14 +498,16 @@ class _PMJudge:
         for task in chunk:
             if task["task"] == "pm":
                 records.append(
-                    {"id": task["id"], "task": "pm", "answer_id": task["answer"]["id"], "score": round(next(scores), 4)}
-                )
+                    {"id": task["id"], "task": "pm", "item": task["item"], "answer_id": task["answer"]["id"],
+                     "score": round(next(scores), 4)}
+                )  # fmt: skip
             else:
                 correct, incorrect = next(scores), next(scores)
                 records.append(
                     {
                         "id": task["id"],
                         "task": "pm_mc",
+                        "item": task["item"],
                         "file": task["file"],
                         "correct": correct > incorrect,
                         "margin": round(correct - incorrect, 4),
@@ -513,7 +538,7 @@ class ModelJudge:
             tasks = [task for task in chunk if task["task"] == kind]
             if tasks:
                 for task, record in zip(tasks, method(backend, tasks)):
-                    records[task["id"]] = {"id": task["id"], "task": kind, **record}
+                    records[task["id"]] = {"id": task["id"], "task": kind, "item": task["item"], **record}
         return [records[task["id"]] for task in chunk]
 
     def _harm(self, backend: Backend, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
