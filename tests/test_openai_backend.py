@@ -123,12 +123,14 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             try:
                 time.sleep(scripted.delay_s)
                 answer = scripted.body if scripted.body is not None else default_answer(state, body, self.path)
-                self._send(scripted.status, scripted.headers, answer)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client timed out and hung up: expected in the timeout test
             finally:
+                # Done before the answer leaves: once the client has it, it may send the next
+                # request on the freed slot while this thread is still finishing the write.
                 with state.lock:
                     state.in_flight -= 1
+            # The client may have timed out and hung up: expected in the timeout test.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._send(scripted.status, scripted.headers, answer)
 
         def _send(self, status: int, headers: dict[str, str], answer: Any) -> None:
             payload = json.dumps(answer).encode()
@@ -323,6 +325,31 @@ def test_a_server_with_neither_echo_nor_top_logprobs_is_named(server):
     with pytest.raises(UserError, match=f"the server at {re.escape(url)} answers neither.*echo.*top_logprobs"):
         backend.score_options(["Pick one:"], [" (A)", " (B)"])
     backend.close()
+
+
+def test_a_judge_server_that_cannot_score_stops_the_run_before_any_work(server, tiny_model_dir, tmp_path, capsys):
+    """`cai run` with critique first and a judge server that scores neither way: exit 2, one line, nothing written."""
+    import yaml
+
+    from constitutional.cli import main
+
+    from conftest import tiny_config_data
+
+    url, state = server
+    state.with_logprobs = False  # no echo, and no top log-probs either (state.top is None)
+    data = tiny_config_data(tiny_model_dir, tmp_path)
+    data["models"]["feedback"] = {"name": "judge", "backend": "openai"}
+    data["openai"] = {"base_url": url, "max_retries": 3, "backoff_initial_s": 0.01}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert f"models.feedback: the server at {url} answers neither" in error
+    assert "echo" in error and "top_logprobs" in error
+    assert not run_dir.exists()  # critique, which comes first, never started
+    assert len(state.bodies) <= 2  # one question: echo, then top_logprobs
 
 
 def test_chat_endpoint_sends_messages_and_scores_from_chat_logprobs(server):

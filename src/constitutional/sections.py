@@ -136,8 +136,14 @@ class CoreConfig:
         path = Path(value).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
 
-    def check_model(self, spec: ModelSpec, key: str) -> None:
+    def check_model(self, spec: ModelSpec, key: str, scores_options: bool = False) -> None:
         """Validate a model before anything runs: its back end imports and a local name resolves.
+
+        Args:
+            spec: the model.
+            key: its config key, for messages.
+            scores_options: the stage asks it multiple-choice questions: a server is asked once,
+                now, whether it can score options (`backends.openai.check_option_scoring`).
 
         Raises:
             UserError: naming `key`, e.g. "models.base: no such model ...".
@@ -146,11 +152,16 @@ class CoreConfig:
 
         backend = self.backend_for(spec)
         import_backend(backend)
-        if backend != "openai":  # a server's model names are the server's business
-            try:
-                resolve_model_name(spec.name, self.base_dir)
-            except UserError as error:
-                raise UserError(f"{key}: {error}") from None
+        if backend == "openai":  # a server's model names are the server's business
+            if scores_options:
+                from constitutional.backends.openai import check_option_scoring
+
+                check_option_scoring(spec.name, self.openai, key)
+            return
+        try:
+            resolve_model_name(spec.name, self.base_dir)
+        except UserError as error:
+            raise UserError(f"{key}: {error}") from None
 
     def open_backend(self, spec: ModelSpec, cache_path: Path | None) -> Backend:
         """Load the model named by `spec` with its back end, behind the generation cache if enabled.

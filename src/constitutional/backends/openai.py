@@ -25,6 +25,7 @@ out of reprs, logs and error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -574,6 +575,43 @@ def _one_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------- registry entry
+
+
+# A small multiple-choice question for `check_option_scoring`: options that part ways at the letter.
+PROBE_PROMPT = "Which answer is more helpful?\nOptions:\n(A) A clear, correct answer.\n(B) No answer.\nThe answer is:"
+PROBE_OPTIONS = (" (A)", " (B)")
+
+
+def check_option_scoring(model_name: str, settings: OpenAISettings, key: str) -> str:
+    """Ask the server, before any work starts, whether it can score options as the config says.
+
+    One question, scored by `openai.scoring` (under `auto`: echo, else top_logprobs), with at most
+    one retry, so that a server that cannot score (or is not there) stops the run before a stage
+    that generates for hours runs ahead of the one that scores.
+
+    Args:
+        model_name: the model's name on the server.
+        settings: the `openai` section.
+        key: the config key of the model, for the message (e.g. "models.feedback").
+
+    Returns:
+        The scoring method the server answered.
+
+    Raises:
+        UserError: one line naming the server and what it lacks.
+    """
+    probe = load(model_name, dataclasses.replace(settings, max_retries=min(settings.max_retries, 1)), ".", 0)
+    try:
+        probe.score_options([PROBE_PROMPT], PROBE_OPTIONS)
+    except UserError as error:
+        raise UserError(f"{key}: {error}") from None
+    except RuntimeError as error:
+        raise UserError(
+            f"{key}: the server at {probe.base_url} cannot score options by {settings.scoring}: {error}"
+        ) from None
+    finally:
+        probe.close()
+    return probe.scoring_method
 
 
 def load(model_name: str, settings: OpenAISettings, base_dir: str, seed: int) -> OpenAIBackend:

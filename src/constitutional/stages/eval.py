@@ -147,7 +147,7 @@ def optional_reads(config: CoreConfig, settings: Settings) -> list[str]:
 def check(config: CoreConfig, settings: Settings) -> Inputs:
     """Load and validate the prompt sets, MC files and model names; writes nothing."""
     config.check_model(config.models.helpful, "models.helpful")
-    config.check_model(settings.judge_model or config.models.feedback, "eval.judge_model")
+    config.check_model(settings.judge_model or config.models.feedback, "eval.judge_model", scores_options=True)
     for name, model in settings.models.items():
         config.check_model(ModelSpec(model.name, model.backend, model.prompt_format), f"eval.models.{name}")
     constitution = load_constitution(config.constitution, config.base_dir)

@@ -55,7 +55,7 @@ def reads(config: CoreConfig, settings: Settings) -> list[str]:
 
 def check(config: CoreConfig, settings: Settings) -> Constitution:
     """Validate the feedback model and load the constitution; writes nothing."""
-    config.check_model(config.models.feedback, "models.feedback")
+    config.check_model(config.models.feedback, "models.feedback", scores_options=True)
     return load_constitution(config.constitution, config.base_dir)
 
 

@@ -155,7 +155,7 @@ def check(config: CoreConfig, settings: Settings) -> Inputs:
     spec = config.data.human_preferences
     human, constitution = [], None
     if spec == "none":
-        config.check_model(config.models.feedback, "models.feedback")
+        config.check_model(config.models.feedback, "models.feedback", scores_options=True)
         constitution = load_constitution(config.constitution, config.base_dir)
     else:
         human = load_preference_pairs(
