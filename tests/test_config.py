@@ -59,6 +59,13 @@ def test_int_is_accepted_where_a_float_is_expected():
         ({"critique": {"top_p": 0}}, "critique.top_p"),
         ({"cache": {"enabled": "yes"}}, "cache.enabled: expected true or false"),
         ({"critique": 3}, "critique: expected a mapping"),
+        # Back-end settings are checked with the config, before anything is written, not at use.
+        ({"openai": {"max_retries": -1}}, "openai.max_retries: expected 0 or more"),
+        ({"openai": {"backoff_initial_s": -0.5}}, "openai.backoff_initial_s: expected 0 or more"),
+        ({"openai": {"base_url": "localhost:8000"}}, "openai.base_url: expected an http(s) URL"),
+        ({"vllm": {"tensor_parallel_size": 0}}, "vllm.tensor_parallel_size: expected a positive number"),
+        ({"vllm": {"gpu_memory_utilization": 1.5}}, "vllm.gpu_memory_utilization: expected a number in (0, 1]"),
+        ({"vllm": {"dtype": "fp8"}}, "vllm.dtype: expected one of auto"),
     ],
 )
 def test_bad_values_name_the_key(data, message):

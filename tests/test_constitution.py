@@ -189,7 +189,7 @@ def test_yaml_markers_copied_from_the_paper_are_stripped(tmp_path):
         (MINIMAL.replace("    text: Which is better?\n", ""), r"feedback_principles\[0\]: missing or empty 'text'"),
         (MINIMAL + "critique_fewshot: ['Assistant: hi']\n", r"critique_fewshot\[0\] must start with 'Human:'"),
         (MINIMAL + "feedback_fewshot: [{conversation: 'Human: hi', better: x, worse: y}]\n", "end with 'Assistant:'"),
-        ("name: [unclosed\n", "invalid YAML at line"),
+        ("name: [unclosed\n", r"\.yaml:\d+: invalid YAML"),
         ("- just a list\n", "expected a mapping"),
     ],
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from constitutional.errors import UserError
+from constitutional.errors import UserError, invalid_yaml
 from constitutional.sections import CoreConfig, ModelSpec, build, flatten
 from constitutional.stages import stage_modules
 
@@ -64,9 +64,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+        raise invalid_yaml(str(path), error) from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
     for override in overrides or []:

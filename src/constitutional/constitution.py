@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from constitutional.errors import UserError
+from constitutional.errors import UserError, invalid_yaml
 from constitutional.seeding import rng_for
 
 T = TypeVar("T")
@@ -288,14 +288,11 @@ def _yaml_feedback_examples(doc: dict[str, Any], where: str) -> tuple[FeedbackEx
 
 
 def _parse_yaml(text: str, where: str) -> dict[str, Any]:
-    """Parse YAML into a mapping; PyYAML's multi-line messages are folded into one line."""
+    """Parse YAML into a mapping; PyYAML's multi-line messages are folded into one line (`invalid_yaml`)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{where}: invalid YAML{at}: {problem}") from None
+        raise invalid_yaml(where, error) from None
     if not isinstance(doc, dict):
         raise UserError(f"{where}: expected a mapping with critique_principles and feedback_principles")
     return doc

@@ -6,3 +6,19 @@ class UserError(Exception):
 
     The message names the file and line, or the config key, and says what was expected.
     """
+
+
+def invalid_yaml(where: str, error: Exception) -> UserError:
+    """The one-line error for a PyYAML parse error, whose own message spans several lines.
+
+    Args:
+        where: the file (or a name for the text) that did not parse.
+        error: the `yaml.YAMLError`; its line is used when it has one.
+
+    Returns:
+        A UserError "<where>:<line>: invalid YAML: <problem>", for the caller to raise.
+    """
+    mark = getattr(error, "problem_mark", None)
+    at = f":{mark.line + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    return UserError(f"{where}{at}: invalid YAML: {' '.join(str(problem).split())}")

@@ -480,11 +480,14 @@ def _hf_rows(spec: str, base_dir: Path) -> Iterator[tuple[str, Row]]:
     local = Path(dataset_id).expanduser()
     local = local if local.is_absolute() else base_dir / local
     source = str(local) if local.exists() else dataset_id
-    try:
-        import datasets  # lazy: only hf: sources need it, and it is slow to import
+    import datasets  # lazy: only hf: sources need it, and it is slow to import
 
+    try:
         dataset = datasets.load_dataset(source, split=split or "train")
-    except Exception as error:  # datasets raises many types (network, missing split, bad files)
+    # What loading can meet that is the input's fault or the network's: the library's own errors,
+    # files or hub entries missing, unreachable or refused (OSError: the hub's HTTP errors are
+    # OSErrors), an unknown split or a column that does not cast (ValueError). Anything else is a bug.
+    except (datasets.exceptions.DatasetsError, OSError, ValueError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         raise UserError(f"{spec}: could not load dataset: {message}") from None
     return ((f"{spec} row {index}", row) for index, row in enumerate(dataset, start=1))

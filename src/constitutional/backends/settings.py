@@ -111,3 +111,5 @@ class VLLMSettings:
             f"vllm.gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}",
         )
         require_positive("vllm.max_model_len", self.max_model_len)
+        dtypes = ("auto", "bfloat16", "float16", "float32", "half", "float")
+        require(self.dtype in dtypes, f"vllm.dtype: expected one of {', '.join(dtypes)}, got {self.dtype!r}")
