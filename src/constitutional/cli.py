@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from constitutional import __version__
-from constitutional.errors import UserError
+from constitutional.errors import ServiceError, UserError
 from constitutional.stages import STAGES
 
 DESCRIPTION = """\
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"cai: error: {error}", file=sys.stderr)
         return 2
+    except ServiceError as error:
+        print(f"cai: error: {error}; finished work is kept: run the same command again to continue", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cai: interrupted; run the same command again to continue", file=sys.stderr)
         return 130

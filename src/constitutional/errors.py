@@ -1,10 +1,18 @@
-"""The one error type users see: bad input, reported in one line with exit code 2."""
+"""The errors users see, each in one line: bad input (exit 2) and a service that stays down (exit 1)."""
 
 
 class UserError(Exception):
     """Bad input from the user (config, data, model name): the CLI prints it on one line and exits 2.
 
     The message names the file and line, or the config key, and says what was expected.
+    """
+
+
+class ServiceError(RuntimeError):
+    """An outside service (a model server) still failing after the retries: the CLI prints one line, exits 1.
+
+    Not the input's fault and not a bug: what the run finished is kept, and the same command
+    continues once the service is back.
     """
 
 

@@ -25,7 +25,6 @@ out of reprs, logs and error messages.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ import httpx
 
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop
 from constitutional.backends.settings import OpenAISettings
-from constitutional.errors import UserError
+from constitutional.errors import ServiceError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,7 @@ class OpenAIBackend(Backend):
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         bodies = [self._generation_body(prompt, params, seed) for prompt, seed in zip(prompts, seeds)]
-        texts = self._map(lambda body: _choice_text(self._post(body)), bodies)
+        texts = self._map(lambda body: self._post(body, parse=_choice_text), bodies)
         return [cut_at_stop(text, params.stop) for text in texts]
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
@@ -259,12 +258,12 @@ class OpenAIBackend(Backend):
         lacks = []
         if self.endpoint == "completions" and not prompt.startswith(CHAT_MESSAGES):
             try:
-                self._score_one(prompt, options[0])
+                self._score_one(prompt, options[0], probing=True)
                 return "echo"
             except (RuntimeError, UserError) as error:
                 lacks.append(f"echo ({error})")
         try:
-            self._score_top(prompt, options)
+            self._score_top(prompt, options, probing=True)
             return "top_logprobs"
         except (RuntimeError, UserError) as error:
             lacks.append(f"top_logprobs ({error})")
@@ -304,8 +303,8 @@ class OpenAIBackend(Backend):
             body["min_tokens"] = params.min_new_tokens
         return body
 
-    def _score_one(self, prompt: str, option: str) -> float:
-        """Log-probability of `option` after `prompt`, from one echo request."""
+    def _score_one(self, prompt: str, option: str, probing: bool = False) -> float:
+        """Log-probability of `option` after `prompt`, from one echo request (`probing`: see `_post`)."""
         body = {
             "model": self.model,
             "prompt": prompt + option,
@@ -315,10 +314,14 @@ class OpenAIBackend(Backend):
             "logprobs": 1,
             "temperature": 0.0,
         }
-        logprobs = _first_choice(self._post(body, "completions")).get("logprobs")
-        return _sum_span_logprobs(logprobs, len(prompt), len(prompt) + len(option), self.base_url)
+        start, end = len(prompt), len(prompt) + len(option)
 
-    def _score_top(self, prompt: str, options: Sequence[str]) -> list[float]:
+        def parse(data: dict[str, Any]) -> float:
+            return _sum_span_logprobs(_first_choice(data).get("logprobs"), start, end, self.base_url)
+
+        return self._post(body, "completions", parse=parse, retry_malformed=not probing)
+
+    def _score_top(self, prompt: str, options: Sequence[str], probing: bool = False) -> list[float]:
         """Options' log-probs from the top-k log-probs of a few greedy answer tokens (one request)."""
         body: dict[str, Any] = {"model": self.model, **self._prompt_fields(prompt), "max_tokens": SCORING_TOKENS,
                                 "temperature": 0.0}  # fmt: skip
@@ -326,7 +329,10 @@ class OpenAIBackend(Backend):
             body.update(logprobs=True, top_logprobs=self.top_logprobs)
         else:
             body["logprobs"] = self.top_logprobs
-        positions = _top_logprob_positions(_first_choice(self._post(body)), self.base_url)
+        positions = self._post(
+            body, parse=lambda data: _top_logprob_positions(_first_choice(data), self.base_url),
+            retry_malformed=not probing,
+        )  # fmt: skip
         return option_logprobs_from_top(positions, options, self.base_url)
 
     def _map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -345,14 +351,35 @@ class OpenAIBackend(Backend):
             # them all against a server that just refused one; those in flight finish.
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _post(self, body: dict[str, Any], endpoint: str | None = None) -> dict[str, Any]:
+    def _post(
+        self,
+        body: dict[str, Any],
+        endpoint: str | None = None,
+        parse: Callable[[dict[str, Any]], R] | None = None,
+        retry_malformed: bool = True,
+    ) -> Any:
         """POST one request to `/completions` or `/chat/completions`, retrying transient failures.
+
+        Transient: connection errors and timeouts, 429 and 5xx (a 429's Retry-After is honoured),
+        and an answer that is cut short, not JSON, or not in the shape `parse` reads (a proxy or
+        an overloaded server can return any of these once).
+
+        Args:
+            body: the JSON request.
+            endpoint: "completions" or "chat"; default the back end's.
+            parse: reads what the caller needs from the answer's JSON; a shape it cannot read
+                (`MalformedAnswer`, or a KeyError, TypeError, ... on the server's data) is retried.
+            retry_malformed: False while probing what a server supports: a missing capability
+                answers the same every time, so it is reported at once.
+
+        Returns:
+            `parse(answer)`, or the answer's JSON object without `parse`.
 
         Raises:
             UserError: the server rejected the request (4xx other than 429): not retried, since
                 sending it again cannot help (wrong model name, bad key, prompt too long, ...).
-            RuntimeError: retries exhausted, or the server answered with something that is not a
-                completions response.
+            MalformedAnswer: with `retry_malformed` off, an answer in the wrong shape.
+            ServiceError: still failing after `max_retries` retries (the last error quoted).
         """
         path = "chat/completions" if (endpoint or self.endpoint) == "chat" else "completions"
         attempts = self.max_retries + 1
@@ -363,7 +390,7 @@ class OpenAIBackend(Backend):
             url = f"{server.url}/{path}"
             try:
                 response = self._client.post(url, json=body)
-            except httpx.TransportError as error:  # includes httpx.TimeoutException
+            except httpx.TransportError as error:  # includes timeouts and answers cut short
                 last_error = f"{url}: {type(error).__name__}: {error}"
             else:
                 if response.status_code == 429 or response.status_code >= 500:
@@ -375,8 +402,16 @@ class OpenAIBackend(Backend):
                         f"{url} rejected the request with HTTP {response.status_code}: {self._error_text(response)}"
                     )
                 else:
-                    self.fleet.release(server, ok=True)
-                    return _json_body(response, url)
+                    try:
+                        result = _read_answer(response, url, parse)
+                    except MalformedAnswer as error:
+                        if not retry_malformed:
+                            self.fleet.release(server, ok=True)
+                            raise
+                        last_error = str(error)
+                    else:
+                        self.fleet.release(server, ok=True)
+                        return result
             self.fleet.release(server, ok=False, out_for=retry_after)
             if attempt + 1 < attempts:
                 # Another server in rotation takes the retry at once; a lone server gets the backoff.
@@ -386,7 +421,7 @@ class OpenAIBackend(Backend):
                     delay = retry_after if retry_after is not None else self._backoff_s(attempt)
                 log.warning("%s; retry %d/%d in %.2fs", last_error, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
-        raise RuntimeError(f"{self.base_url}/{path} failed after {attempts} attempts; last error: {last_error}")
+        raise ServiceError(f"{self.base_url}/{path} failed after {attempts} attempts; last error: {last_error}")
 
     def _backoff_s(self, attempt: int) -> float:
         """Exponential backoff with jitter for retry number `attempt` (0-based)."""
@@ -413,22 +448,42 @@ class OpenAIBackend(Backend):
 # --------------------------------------------------------------------------------- helpers
 
 
+class MalformedAnswer(RuntimeError):
+    """The server answered 200, but not in the shape of a completions answer (or without what was asked)."""
+
+
+def _read_answer(response: httpx.Response, url: str, parse: Callable[[dict[str, Any]], R] | None) -> Any:
+    """The answer's JSON object, read by `parse`; any shape `parse` cannot read is a MalformedAnswer."""
+    data = _json_body(response, url)
+    if parse is None:
+        return data
+    try:
+        return parse(data)
+    except MalformedAnswer:
+        raise
+    # The server's data, not our code, is what these come from: a field missing or of another type.
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise MalformedAnswer(
+            f"{url} answered in an unexpected shape ({type(error).__name__}: {error}): {_one_line(response.text)!r}"
+        ) from None
+
+
 def _json_body(response: httpx.Response, url: str) -> dict[str, Any]:
-    """The response's JSON object, or a RuntimeError quoting what came back instead."""
+    """The response's JSON object, or a MalformedAnswer quoting what came back instead."""
     try:
         data = response.json()
     except ValueError:
-        raise RuntimeError(f"{url} returned a response that is not JSON: {_one_line(response.text)!r}") from None
+        raise MalformedAnswer(f"{url} returned a response that is not JSON: {_one_line(response.text)!r}") from None
     if not isinstance(data, dict):
-        raise RuntimeError(f"{url} returned JSON that is not an object: {_one_line(json.dumps(data))!r}")
+        raise MalformedAnswer(f"{url} returned JSON that is not an object: {_one_line(json.dumps(data))!r}")
     return data
 
 
 def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
-    """`choices[0]` of a completions response, or a RuntimeError saying what is missing."""
+    """`choices[0]` of a completions response, or a MalformedAnswer saying what is missing."""
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise RuntimeError(f"completions response has no choices: {_one_line(json.dumps(data))!r}")
+        raise MalformedAnswer(f"completions response has no choices: {_one_line(json.dumps(data))!r}")
     return choices[0]
 
 
@@ -440,7 +495,7 @@ def _choice_text(data: dict[str, Any]) -> str:
     message = choice.get("message")
     if isinstance(message, dict) and isinstance(message.get("content"), str):
         return message["content"]
-    raise RuntimeError(f"response has no generated text: {_one_line(json.dumps(data))!r}")
+    raise MalformedAnswer(f"response has no generated text: {_one_line(json.dumps(data))!r}")
 
 
 def _top_logprob_positions(choice: dict[str, Any], base_url: str) -> list[tuple[str, dict[str, float]]]:
@@ -464,7 +519,7 @@ def _top_logprob_positions(choice: dict[str, Any], base_url: str) -> list[tuple[
                 break
             positions.append((str(tokens[index]), {str(token): float(value) for token, value in tops.items()}))
     if not positions:
-        raise RuntimeError(
+        raise MalformedAnswer(
             f"the server at {base_url} returned no top log-probabilities: option scoring needs `echo` with "
             "`logprobs` on /completions, or `logprobs` with top-k alternatives on the generated tokens"
         )
@@ -539,7 +594,7 @@ def _sum_span_logprobs(logprobs: Any, start: int, end: int, base_url: str) -> fl
     offsets = logprobs.get("text_offset") if isinstance(logprobs, dict) else None
     values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
     if not offsets or not values or len(offsets) != len(values):
-        raise RuntimeError(
+        raise MalformedAnswer(
             f"the server at {base_url} returned no prompt log-probabilities: option scoring needs a "
             "server that supports `echo: true` with `logprobs` on /completions (vLLM does)"
         )
@@ -552,7 +607,7 @@ def _sum_span_logprobs(logprobs: Any, start: int, end: int, base_url: str) -> fl
         if offset < end and token_end > start:
             if value is None:
                 # Servers give no log-prob for the very first token (nothing to condition on).
-                raise RuntimeError(f"the server at {base_url} returned no log-probability for the token at {offset}")
+                raise MalformedAnswer(f"the server at {base_url} returned no log-probability for the token at {offset}")
             total += float(value)
     return total
 
@@ -585,9 +640,9 @@ PROBE_OPTIONS = (" (A)", " (B)")
 def check_option_scoring(model_name: str, settings: OpenAISettings, key: str) -> str:
     """Ask the server, before any work starts, whether it can score options as the config says.
 
-    One question, scored by `openai.scoring` (under `auto`: echo, else top_logprobs), with at most
-    one retry, so that a server that cannot score (or is not there) stops the run before a stage
-    that generates for hours runs ahead of the one that scores.
+    One question, scored by `openai.scoring` (under `auto`: echo, else top_logprobs), so that a
+    server that cannot score (or is not there) stops the run before a stage that generates for
+    hours runs ahead of the one that scores. Transient failures are retried as for any request.
 
     Args:
         model_name: the model's name on the server.
@@ -600,7 +655,7 @@ def check_option_scoring(model_name: str, settings: OpenAISettings, key: str) ->
     Raises:
         UserError: one line naming the server and what it lacks.
     """
-    probe = load(model_name, dataclasses.replace(settings, max_retries=min(settings.max_retries, 1)), ".", 0)
+    probe = load(model_name, settings, ".", 0)
     try:
         probe.score_options([PROBE_PROMPT], PROBE_OPTIONS)
     except UserError as error:
