@@ -75,7 +75,7 @@ SCENARIOS = [
     pytest.param(Scenario("sl", seed=3), marks=pytest.mark.slow),
     pytest.param(Scenario("pairs", "constitutional.records.append_records@1:torn"), marks=pytest.mark.slow),
     pytest.param(Scenario("pairs", seed=4), marks=pytest.mark.slow),
-    pytest.param(Scenario("feedback", "constitutional.records.append_records@2"), marks=pytest.mark.slow),
+    pytest.param(Scenario("feedback", "constitutional.records.append_records@1"), marks=pytest.mark.slow),
     pytest.param(Scenario("feedback", "constitutional.records.append_records@1:torn"), marks=pytest.mark.slow),
     pytest.param(Scenario("feedback", seed=5), marks=pytest.mark.slow),
     pytest.param(Scenario("pm", MID_CHECKPOINT, resumes_from_checkpoint=True), marks=pytest.mark.slow),
