@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -12,6 +13,10 @@ from pathlib import Path
 from constitutional import __version__
 from constitutional.errors import ServiceError, UserError
 from constitutional.stages import STAGES
+
+# Errors of the storage, not of the input or the code: a full disk or quota, a read-only or
+# forbidden run directory. Reported in one line; everything written before stays whole.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 DESCRIPTION = """\
 Constitutional AI (Bai et al. 2022) end to end: a written constitution instead of human
@@ -154,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ServiceError as error:
         print(f"cai: error: {error}; finished work is kept: run the same command again to continue", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise  # anything else is a bug, with its traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(
+            f"cai: error: cannot write: {where}{error.strerror}; what was written before is intact: "
+            "make room (or make the run directory writable) and run the same command again",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("cai: interrupted; run the same command again to continue", file=sys.stderr)

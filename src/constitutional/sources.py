@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import io
 import json
 import logging
 import zlib
@@ -396,13 +395,21 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Row]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     _file_type(path)  # reject an unknown extension before reading anything
-    data = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:
-            raise UserError(f"{path}: not a valid gzip file ({error})") from None
-    return _rows_from_bytes(data, str(path), path.name)
+    return _rows_from_lines(_decoded_lines(_file_lines(path), str(path)), str(path), path.name)
+
+
+def _file_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines (without their newline), read one at a time: a file of any size is never held whole."""
+    if not path.name.lower().endswith(".gz"):
+        with path.open("rb") as handle:
+            yield from (line.removesuffix(b"\n") for line in handle)
+        return
+    try:
+        with gzip.open(path, "rb") as handle:
+            for line in handle:
+                yield line.removesuffix(b"\n")
+    except (OSError, EOFError, zlib.error) as error:  # gzip's own errors, raised as it decompresses
+        raise UserError(f"{path}: not a valid gzip file ({error})") from None
 
 
 def _file_type(path: Path | str) -> str:
@@ -415,13 +422,18 @@ def _file_type(path: Path | str) -> str:
 
 
 def _rows_from_bytes(data: bytes, name: str, filename: str) -> Iterator[tuple[str, Row]]:
+    return _rows_from_lines(_decoded_lines(data.split(b"\n"), name), name, filename)
+
+
+def _rows_from_lines(lines: Iterable[tuple[int, str]], name: str, filename: str) -> Iterator[tuple[str, Row]]:
+    """Rows of a file's numbered lines; JSONL, CSV and text stream, a .json list is parsed whole."""
     readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".txt": _txt_rows}
-    return readers[_file_type(filename)](_decoded_lines(data, name), name)
+    return readers[_file_type(filename)](lines, name)
 
 
-def _decoded_lines(data: bytes, name: str) -> Iterator[tuple[int, str]]:
+def _decoded_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
     """(line number, text) for each line, decoded one at a time so a bad byte is reported by line."""
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(raw_lines, start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -457,7 +469,8 @@ def _json_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[st
 
 
 def _csv_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Row]]:
-    reader = csv.DictReader(io.StringIO("\n".join(line for _, line in lines), newline=""))
+    # Fed line by line: the reader pulls the next line itself for a quoted field that spans lines.
+    reader = csv.DictReader(line + "\n" for _, line in lines)
     try:
         for row in reader:
             # line_num is the reader's physical line: right even for quoted multi-line fields.
