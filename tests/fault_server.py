@@ -13,8 +13,9 @@ time in a seeded way:
 - `dropped`: the connection closes without any answer;
 - `wrong_shape`: a 200 JSON answer without the text or log-probs asked for.
 
-`down` makes every request fail with 503 (a server that stays down); `answered` counts the
-correct answers, `attempts` the tries per request body.
+`down` makes every request fail with 503 (a server that stays down); `quote_key` puts the
+request's Authorization header into error messages; `answered` counts the correct answers,
+`attempts` the tries per request body.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class FaultPlan:
     max_faults: int = 0  # per request body; 0: a healthy server
     timeout_s: float = 0.3  # the client's timeout: a `timeout` fault answers after it
     down: bool = False
+    quote_key: bool = False  # error messages repeat the request's Authorization header (some servers do)
     injected: Counter = field(default_factory=Counter)  # fault kind -> how many
     attempts: Counter = field(default_factory=Counter)  # request body -> tries
     answered: int = 0
@@ -92,7 +94,8 @@ def make_handler(plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
             if fault == "down":
                 return self._send(503, b'{"error": {"message": "service unavailable"}}')
             if fault == "500":
-                return self._send(500, b'{"error": {"message": "internal error"}}')
+                quoted = f" for {self.headers.get('Authorization')}" if plan.quote_key else ""
+                return self._send(500, json.dumps({"error": {"message": f"internal error{quoted}"}}).encode())
             if fault == "429":
                 return self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0"})
             if fault == "timeout":

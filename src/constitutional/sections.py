@@ -136,6 +136,15 @@ class CoreConfig:
         path = Path(value).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
 
+    def remote_code_keys(self) -> list[str]:
+        """The `trust_remote_code` settings that are on: code from a model's repository may run.
+
+        The pipeline records them in each stage's manifest entry and warns, so a run that executed
+        downloaded code says so.
+        """
+        sections = {"transformers": self.transformers, "vllm": self.vllm, "training": self.training}
+        return [f"{name}.trust_remote_code" for name, section in sections.items() if section.trust_remote_code]
+
     def check_model(self, spec: ModelSpec, key: str, scores_options: bool = False) -> None:
         """Validate a model before anything runs: its back end imports and a local name resolves.
 
