@@ -32,6 +32,8 @@ from constitutional.errors import UserError
 from constitutional.evaluation.judge import load_mc_eval
 from constitutional.sources import load_preference_pairs, load_prompts
 
+from conftest import tiny_config_data
+
 EXAMPLES = int(os.environ.get("CAI_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -215,11 +217,25 @@ def row_files(draw):
     return f"rows.{kind}", content
 
 
+def refused_by_cai_run(config_data: dict, stages: str, folder: Path) -> None:
+    """`cai run` on a config that reads the bad file: exit 2 and no run directory."""
+    config = folder / "run-config.yaml"
+    config.write_text(yaml.safe_dump(config_data), encoding="utf-8")
+    assert main(["run", str(config), "--run-dir", str(folder / "run"), "--stages", stages]) == 2
+    assert not (folder / "run").exists()
+
+
 @FUZZ
 @given(file=row_files(), field=st.none() | st.sampled_from(["prompt", "text", "nope"]))
-def test_prompt_loader(file, field):
+def test_prompt_loader(file, field, tiny_model_dir):
     path = scratch_file(*file)
     check_loader("prompts", lambda: load_prompts(str(path), prefix="p", field=field), path)
+    try:
+        load_prompts(str(path), prefix="p")
+    except UserError:
+        data = tiny_config_data(tiny_model_dir, path.parent, data={"red_team": str(path)})
+        refused_by_cai_run(data, "critique", path.parent)
+        OUTCOMES["prompts", "refused by cai run (exit 2, nothing written)"] += 1
 
 
 transcripts = st.lists(
@@ -231,10 +247,16 @@ preference_rows = st.fixed_dictionaries({}, optional={"chosen": transcripts | va
 
 @FUZZ
 @given(items=st.lists(preference_rows | values, max_size=5), gz=st.booleans(), limit=st.none() | st.integers(0, 3))
-def test_preference_loader(items, gz, limit):
+def test_preference_loader(items, gz, limit, tiny_model_dir):
     content = encode_rows("jsonl", items)
     path = scratch_file("pairs.jsonl.gz" if gz else "pairs.jsonl", gzip.compress(content) if gz else content)
     check_loader("preferences", lambda: load_preference_pairs(str(path), limit=limit), path)
+    try:
+        load_preference_pairs(str(path))
+    except UserError:
+        data = tiny_config_data(tiny_model_dir, path.parent, data={"human_preferences": str(path)})
+        refused_by_cai_run(data, "pm", path.parent)
+        OUTCOMES["preferences", "refused by cai run (exit 2, nothing written)"] += 1
 
 
 mc_rows = st.fixed_dictionaries(

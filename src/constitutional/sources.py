@@ -15,6 +15,8 @@ Rows are read the same way whatever the container: the first field present of `p
 as in MT-Bench: the first one is the prompt); or the one field a caller names. Prompt ids are
 content hashes, so the same prompt from two files gets the same id and duplicates collapse. Every
 problem with the input is a one-line `UserError` naming the file and, where there is one, the line.
+Files are read line by line (gzip decompressed as it goes): a capped load stops early, and no file
+is ever held whole in memory, except a `.json` list, which is parsed as one document.
 """
 
 from __future__ import annotations

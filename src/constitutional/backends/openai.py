@@ -16,8 +16,9 @@ Option scoring has two methods, chosen by `scoring` or, with `auto`, by what the
   hosted and chat-only APIs).
 
 Requests run on a thread pool bounded by `max_concurrency` over one pooled `httpx.Client`, and
-transient failures (429, 5xx, timeouts, dropped connections) are retried with jittered exponential
-backoff.
+transient failures (429, 5xx, timeouts, dropped connections, and 200 answers that are cut short,
+not JSON, or not in the shape asked for) are retried with jittered exponential backoff; still
+failing after `max_retries` retries, a request raises `ServiceError` (one line, exit 1).
 
 The API key is read from an environment variable, sent only in the Authorization header, and kept
 out of reprs, logs and error messages.
