@@ -157,3 +157,42 @@ def test_a_large_preference_file_is_streamed_not_read_whole(tmp_path):
     pairs = []
     peak = peak_memory(lambda: pairs.extend(load_preference_pairs(str(path), limit=100)))
     assert len(pairs) == 100 and peak < 4 * 1024 * 1024, peak
+
+
+class EchoBackend:
+    """A stand-in model: answers are a function of the prompt (the cache is what is measured)."""
+
+    model_id = "echo"
+    scoring_method = "forward pass"
+
+    def generate(self, prompts, params, seeds=None):
+        return [prompt[::-1] * 4 for prompt in prompts]
+
+    def close(self):
+        pass
+
+
+def test_the_generation_cache_does_not_grow_in_memory(tmp_path):
+    """Entries live in SQLite on disk: memory after 40k cached answers is what it was after 4k."""
+    from constitutional.backends import SamplingParams
+    from constitutional.backends.cache import CachingBackend
+
+    cache = CachingBackend(EchoBackend(), tmp_path / "cache.sqlite")
+    params = SamplingParams(max_new_tokens=8)
+
+    def fill(start: int, count: int) -> None:
+        for first in range(start, start + count, 500):
+            prompts = [f"prompt number {i} " * 8 for i in range(first, first + 500)]
+            cache.generate(prompts, params, list(range(first, first + 500)))
+
+    tracemalloc.start()
+    try:
+        fill(0, 4_000)
+        after_4k = tracemalloc.get_traced_memory()[0]
+        fill(4_000, 36_000)
+        after_40k = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        cache.close()
+    assert cache.misses == 40_000
+    assert after_40k - after_4k < 1024 * 1024, (after_4k, after_40k)  # 36k more entries, under 1 MiB more
