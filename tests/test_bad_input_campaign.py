@@ -2,8 +2,8 @@
 
 The property, for each loader: it returns a result, or raises `UserError` with one non-empty line
 that names the file (or, for config values, the key). Any other exception is a bug: hypothesis
-shrinks it to a minimal input. Malformed configs are also run through `cai run`: exit 2, one line
-on stderr, and no run directory.
+shrinks it to a minimal input. Every malformed input is also run through `cai run` (in the config,
+or as the file a config names): exit 2, and no run directory.
 
 `CAI_FUZZ_EXAMPLES` sets the examples per loader (default 60: seconds in `make test`); the
 figures in docs/reliability.md come from `CAI_FUZZ_EXAMPLES=1000`.
@@ -69,15 +69,16 @@ def assert_one_line(error: UserError, *names: str) -> None:
     assert any(name in message for name in names), (message, names)
 
 
-def check_loader(loader: str, call, path: Path, *also: str) -> None:
-    """`call()` returns, or raises a one-line UserError naming `path` (or one of `also`)."""
+def check_loader(loader: str, call, path: Path, *also: str) -> bool:
+    """`call()` returns, or raises a one-line UserError naming `path` (or one of `also`); True if it raised."""
     try:
         call()
     except UserError as error:
         assert_one_line(error, path.name, *also)
         OUTCOMES[loader, "one-line error"] += 1
-    else:
-        OUTCOMES[loader, "accepted"] += 1
+        return True
+    OUTCOMES[loader, "accepted"] += 1
+    return False
 
 
 def scratch_file(name: str, content: bytes) -> Path:
@@ -167,9 +168,11 @@ def constitution_documents(draw):
 
 @FUZZ
 @given(document=constitution_documents())
-def test_constitution_yaml_loader(document):
+def test_constitution_yaml_loader(document, tiny_model_dir):
     path = scratch_file("constitution.yaml", yaml.safe_dump(document, allow_unicode=True).encode())
-    check_loader("constitution (YAML)", lambda: load_constitution(str(path)), path)
+    if check_loader("constitution (YAML)", lambda: load_constitution(str(path)), path):
+        data = tiny_config_data(tiny_model_dir, path.parent)
+        refused_by_cai_run({**data, "constitution": str(path)}, "critique", "constitution (YAML)")
 
 
 @FUZZ
@@ -182,11 +185,14 @@ def test_constitution_yaml_loader(document):
         min_size=1,
     )
 )  # fmt: skip
-def test_constitution_paper_folder_loader(files):
+def test_constitution_paper_folder_loader(files, tiny_model_dir):
     folder = Path(tempfile.mkdtemp(prefix="cai-fuzz-"))
     for name, content in files.items():
         (folder / name).write_bytes(content)
-    check_loader("constitution (paper's JSON files)", lambda: load_constitution(str(folder)), folder, *files)
+    loader = "constitution (paper's JSON files)"
+    if check_loader(loader, lambda: load_constitution(str(folder)), folder, *files):
+        data = tiny_config_data(tiny_model_dir, Path(tempfile.mkdtemp(prefix="cai-fuzz-")))
+        refused_by_cai_run({**data, "constitution": str(folder)}, "critique", loader)
 
 
 # ----------------------------------------------------------------------------- prompts and preferences
@@ -217,12 +223,14 @@ def row_files(draw):
     return f"rows.{kind}", content
 
 
-def refused_by_cai_run(config_data: dict, stages: str, folder: Path) -> None:
+def refused_by_cai_run(config_data: dict, stages: str, loader: str) -> None:
     """`cai run` on a config that reads the bad file: exit 2 and no run directory."""
+    folder = Path(tempfile.mkdtemp(prefix="cai-fuzz-run-"))
     config = folder / "run-config.yaml"
     config.write_text(yaml.safe_dump(config_data), encoding="utf-8")
     assert main(["run", str(config), "--run-dir", str(folder / "run"), "--stages", stages]) == 2
     assert not (folder / "run").exists()
+    OUTCOMES[loader, "refused by cai run (exit 2, nothing written)"] += 1
 
 
 @FUZZ
@@ -234,8 +242,7 @@ def test_prompt_loader(file, field, tiny_model_dir):
         load_prompts(str(path), prefix="p")
     except UserError:
         data = tiny_config_data(tiny_model_dir, path.parent, data={"red_team": str(path)})
-        refused_by_cai_run(data, "critique", path.parent)
-        OUTCOMES["prompts", "refused by cai run (exit 2, nothing written)"] += 1
+        refused_by_cai_run(data, "critique", "prompts")
 
 
 transcripts = st.lists(
@@ -255,8 +262,7 @@ def test_preference_loader(items, gz, limit, tiny_model_dir):
         load_preference_pairs(str(path))
     except UserError:
         data = tiny_config_data(tiny_model_dir, path.parent, data={"human_preferences": str(path)})
-        refused_by_cai_run(data, "pm", path.parent)
-        OUTCOMES["preferences", "refused by cai run (exit 2, nothing written)"] += 1
+        refused_by_cai_run(data, "pm", "preferences")
 
 
 mc_rows = st.fixed_dictionaries(
@@ -268,6 +274,8 @@ mc_rows = st.fixed_dictionaries(
 @FUZZ
 @given(document=st.lists(mc_rows, max_size=4) | st.fixed_dictionaries({"examples": st.lists(mc_rows, max_size=4)})
        | values)  # fmt: skip
-def test_mc_eval_loader(document):
+def test_mc_eval_loader(document, tiny_model_dir):
     path = scratch_file("mc.json", json.dumps(document).encode())
-    check_loader("MC eval", lambda: load_mc_eval(path), path)
+    if check_loader("MC eval", lambda: load_mc_eval(path), path):
+        data = tiny_config_data(tiny_model_dir, path.parent, eval={"mc_files": [str(path)]})
+        refused_by_cai_run(data, "eval", "MC eval")
