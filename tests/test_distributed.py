@@ -15,6 +15,7 @@ from constitutional import distributed
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
 from constitutional.pipeline import run_pipeline
+from constitutional.records import read_records
 from constitutional.rundir import RunDir
 from constitutional.training import is_complete_model
 from test_sl_stage import assert_plain_safetensors_model, write_critiques
@@ -32,6 +33,22 @@ def _one_process(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
 
 
+def launch(arguments: list[str], **environment: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of 2 processes on CPU.
+
+    On CPU accelerate starts several processes only through its multi-GPU (torchrun) launcher; the
+    Trainer (or PPO's Accelerator) then joins them with gloo because training.device says cpu.
+    """
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **environment)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        *arguments,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_two_process_launch_trains_sl_once(tmp_path, tiny_model_dir):
     """`accelerate launch` with 2 processes (gloo on CPU): one model, one manifest entry, half the steps."""
     config_path = tmp_path / "config.yaml"
@@ -40,16 +57,7 @@ def test_two_process_launch_trains_sl_once(tmp_path, tiny_model_dir):
     config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
     run = RunDir(tmp_path / "run")
     usable = sum(bool(record["final_response"]) for record in write_critiques(run))
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    # On CPU accelerate starts several processes only through its multi-GPU (torchrun) launcher;
-    # the Trainer then joins them with gloo because training.device says cpu.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "constitutional.cli", "run", str(config_path), "--run-dir", str(run.root), "--stages", "sl",
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch(["-m", "constitutional.cli", "run", str(config_path), "--run-dir", str(run.root), "--stages", "sl"])
     assert result.returncode == 0, result.stderr[-3000:]
     output = run.path("sl_cai")
     assert is_complete_model(output)
@@ -72,12 +80,54 @@ def test_generation_stages_are_refused_under_a_launch(tmp_path, tiny_model_dir, 
     assert not (tmp_path / "run").exists()
 
 
-def test_online_rl_is_refused_under_a_launch(tmp_path, tiny_model_dir, monkeypatch):
-    config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path))
+def test_rl_that_cannot_spread_is_refused_under_a_launch(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="rl.algorithm: ppo runs in one process"):
+    for rl, message in (
+        ({"algorithm": "grpo"}, "rl.algorithm: grpo runs in one process"),
+        ({"rollout_batch_size": 5}, "rl.rollout_batch_size: 5 prompts do not split into 2 equal shares"),
+        ({"rollout_batch_size": 4, "minibatch_size": 4}, "of at least rl.minibatch_size"),
+    ):
+        config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path, rl=rl))
+        with pytest.raises(UserError, match=message):
+            run_pipeline(config, tmp_path / "run", ["rl"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path, rl={"lora": {"enabled": False}}))
+    with pytest.raises(UserError, match="ppo keeps whole models in every process; launch it with DDP, not FSDP"):
         run_pipeline(config, tmp_path / "run", ["rl"])
     assert not (tmp_path / "run").exists()
+
+
+def test_two_process_launch_runs_ppo_with_shared_rollouts(tmp_path, tiny_model_dir):
+    """PPO under `accelerate launch` (2 processes, gloo): each takes half of every rollout batch,
+    gradients are averaged, checkpoints are written together, process 0 writes metrics and the model."""
+    from test_rl_stage import run_dir as make_rl_run
+
+    run = make_rl_run.__wrapped__(tmp_path, tiny_model_dir)
+    rl = {"steps": 3, "rollout_batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "save_steps": 1,
+          "max_eval_prompts": 2}  # fmt: skip
+    data = tiny_config_data(tiny_model_dir, tmp_path, rl=rl, training={"device": "cpu"})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    logs = tmp_path / "ranks"
+    logs.mkdir()
+    driver = str(Path(__file__).with_name("ppo_rank_driver.py"))
+    result = launch([driver, "run", str(config_path), "--run-dir", str(run.root), "--stages", "rl"],
+                    CAI_RANK_LOG_DIR=str(logs))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Each process rolled out half of every batch, and after every step both hold the same weights,
+    # which change from step to step: the gradients were averaged, not trained apart.
+    ranks = [(logs / f"rank{rank}.txt").read_text().split("\n")[:-1] for rank in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 3
+    assert [line.split()[1] for line in ranks[0]] == ["2", "2", "2"]
+    assert len({line.split()[2] for line in ranks[0]}) == 3
+    assert is_complete_model(run.path("rl_cai"))
+    metrics = read_records(run.path("rl_metrics"))
+    assert [row["step"] for row in metrics] == [1, 2, 3]  # one line per step, from process 0 only
+    assert all(row["response_length"] > 0 and math.isfinite(row["kl"]) for row in metrics)
+    assert len(read_records(run.path("rl_prompts"))) == 20  # written once, whole
+    entry = run.stage_entry("rl")
+    assert entry["status"] == "done" and entry["counts"]["algorithm"] == "ppo"
+    assert not list(run.checkpoints("rl").glob("step-*"))
 
 
 def test_a_pinned_gpu_is_refused_under_a_launch(tmp_path, tiny_model_dir, monkeypatch):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from constitutional.backends import SamplingParams
 from constitutional.backends.settings import require, require_positive
-from constitutional.distributed import is_main_process, world_size
+from constitutional.distributed import is_main_process, main_process_first, sharding_strategy, world_size
 from constitutional.errors import UserError
 from constitutional.models import load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel
@@ -131,16 +131,27 @@ def check(config: CoreConfig, settings: Settings) -> None:
     """Nothing outside the run directory (SL-CAI and the PM are this run's own); what the launch allows.
 
     Raises:
-        UserError: an online algorithm under a multi-process launch (only DPO spreads over
-            processes: PPO, RLOO and GRPO here generate and score in one process); LoRA merging
-            under a sharded launch.
+        UserError: under a multi-process launch, RLOO or GRPO (they run in one process), a PPO
+            rollout batch that does not split evenly over the processes, or a sharded strategy
+            for PPO (each process keeps whole models); LoRA merging under a sharded launch.
     """
-    if world_size() > 1 and settings.algorithm != "dpo":
+    processes = world_size()
+    if processes > 1 and settings.algorithm in ("rloo", "grpo"):
         raise UserError(
-            f"rl.algorithm: {settings.algorithm} runs in one process (rollouts, scoring and updates on one device); "
-            f"this launch has {world_size()} processes. Run `cai run CONFIG --stages rl` without accelerate launch, "
-            "or use rl.algorithm: dpo"
+            f"rl.algorithm: {settings.algorithm} runs in one process; this launch has {processes} processes. "
+            "Run `cai run CONFIG --stages rl` without accelerate launch, or use rl.algorithm: ppo or dpo"
         )
+    if processes > 1 and settings.algorithm == "ppo":
+        share = settings.rollout_batch_size // processes
+        if settings.rollout_batch_size % processes or settings.minibatch_size > share:
+            raise UserError(
+                f"rl.rollout_batch_size: {settings.rollout_batch_size} prompts do not split into {processes} equal "
+                f"shares of at least rl.minibatch_size ({settings.minibatch_size}) for this launch's processes"
+            )
+        if sharding_strategy():
+            raise UserError(
+                f"rl.algorithm: ppo keeps whole models in every process; launch it with DDP, not {sharding_strategy()}"
+            )
     check_launch(NAME, merge_lora=settings.lora.enabled)
 
 
@@ -166,7 +177,8 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: None) -
         return json.loads((output / SUMMARY).read_text(encoding="utf-8"))
     if settings.algorithm == "dpo":
         return run_dpo(config, settings, run_dir)
-    prompts = split_prompts(run_dir, settings, config.seed)
+    with main_process_first():  # under a launch: written once, then read by every process
+        prompts = split_prompts(run_dir, settings, config.seed)
     device = "cpu" if trainer_arguments(config.training)["use_cpu"] else "cuda"
     reward_model = PreferenceModel.load(run_dir.path("pm"), device=device, batch_size=settings.score_batch_size)
     if settings.algorithm in ("rloo", "grpo"):
@@ -283,9 +295,17 @@ def run_ppo(
     models = load_models(config.training, settings, run_dir, config.seed)
     parameters = [p for model in (models.policy, models.value) for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
-    models.policy, models.value, optimizer = accelerator.prepare(models.policy, models.value, optimizer)
+    # Placed and registered for checkpoints, never DDP-wrapped: PPO reads the value model's hidden
+    # states directly, past its forward, which a wrapper would not synchronise. Under a launch of
+    # several processes each takes its share of every rollout batch and the gradients are averaged
+    # by hand (`average_gradients`), so every process keeps identical weights.
+    models.policy = accelerator.prepare_model(models.policy, evaluation_mode=True)
+    models.value = accelerator.prepare_model(models.value, evaluation_mode=True)
+    optimizer = accelerator.prepare(optimizer)
     if models.reference is not None:
         models.reference.to(accelerator.device)
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
     kl_control = (
         AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
         if settings.adaptive_kl
@@ -294,20 +314,24 @@ def run_ppo(
     checkpoints = run_dir.checkpoints(NAME)
     start = resume(accelerator, checkpoints, kl_control)
     metrics_path = run_dir.path("rl_metrics")
-    _keep_metrics_up_to(metrics_path, start)
-    tracker = open_tracker(config.training.report_to, run_dir.path("rl_tensorboard"))
+    if main:
+        _keep_metrics_up_to(metrics_path, start)
+    tracker = open_tracker(config.training.report_to if main else "none", run_dir.path("rl_tensorboard"))
     for step in range(start, settings.steps):
-        batch = _rollout_prompts(prompts["train"], settings.rollout_batch_size, step, config.seed)
+        batch = _rollout_prompts(prompts["train"], settings.rollout_batch_size, step, config.seed)[rank::processes]
         metrics = ppo_step(accelerator, models, optimizer, kl_control, settings, batch, step, config.seed, reward_fn)
-        append_records(metrics_path, [metrics])
-        tracker(metrics)
-        log.info(
-            "rl step %d/%d: reward %.3f, kl %.3f, entropy %.3f, value loss %.4f, clip %.3f, length %.1f",
-            step + 1, settings.steps, metrics["mean_reward"], metrics["kl"], metrics["entropy"],
-            metrics["value_loss"], metrics["clip_fraction"], metrics["response_length"],
-        )  # fmt: skip
+        if main:
+            append_records(metrics_path, [metrics])
+            tracker(metrics)
+            log.info(
+                "rl step %d/%d: reward %.3f, kl %.3f, entropy %.3f, value loss %.4f, clip %.3f, length %.1f",
+                step + 1, settings.steps, metrics["mean_reward"], metrics["kl"], metrics["entropy"],
+                metrics["value_loss"], metrics["clip_fraction"], metrics["response_length"],
+            )  # fmt: skip
         if (step + 1) % settings.save_steps == 0 and step + 1 < settings.steps:
             save_checkpoint(accelerator, checkpoints, step + 1, kl_control)
+    if not main:  # the other processes of a launch only help train; process 0 evaluates and saves
+        return {}
     history = read_records(metrics_path)
     plot_curves(history, run_dir.path("rl_curves"))
     evaluation = compare_on_held_out(models, settings, prompts["eval"], config.seed, reward_fn, run_dir)
@@ -421,6 +445,7 @@ def ppo_step(
                 )
             optimizer.zero_grad()
             accelerator.backward(loss)
+            average_gradients(accelerator, optimizer)
             accelerator.clip_grad_norm_(
                 [p for group in optimizer.param_groups for p in group["params"]], settings.max_grad_norm
             )
@@ -431,19 +456,54 @@ def ppo_step(
             stats["entropy"].append(entropy.item())
     timings["optimisation_s"] = time.perf_counter() - started
     sequence_kl = (kl * mask).sum(dim=1)  # [B] KL of each whole answer, in nats
-    kl_control.update(sequence_kl.mean().item(), len(prompts))
+    # Every process has its share of the rollout batch: the figures (and so the KL controller,
+    # which must move the same way everywhere) are means over all of them.
+    means = across_processes(accelerator, {
+        "mean_reward": scores.mean().item(),  # the PM's score, before penalties
+        "mean_penalised_reward": penalised.mean().item(),
+        "kl": sequence_kl.mean().item(),
+        "mean_value": ppo.masked_mean(old_values, mask).item(),  # the critic's estimate, before updates
+        **{name: sum(values) / len(values) for name, values in stats.items()},
+        "response_length": mask.sum(dim=1).float().mean().item(),
+        "truncated": float(sum(rollout.truncated)),
+    })  # fmt: skip
+    kl_control.update(means["kl"], len(prompts) * accelerator.num_processes)
     return {
         "step": step + 1,
-        "mean_reward": round(scores.mean().item(), 6),  # the PM's score, before penalties
-        "mean_penalised_reward": round(penalised.mean().item(), 6),
-        "kl": round(sequence_kl.mean().item(), 6),
+        **{name: round(value, 3 if name == "response_length" else 6) for name, value in means.items()},
         "kl_coef": kl_control.value,
-        "mean_value": round(ppo.masked_mean(old_values, mask).item(), 6),  # the critic's estimate, before updates
-        **{name: round(sum(values) / len(values), 6) for name, values in stats.items()},
-        "response_length": round(mask.sum(dim=1).float().mean().item(), 3),
-        "truncated": sum(rollout.truncated),
+        "truncated": round(means["truncated"] * accelerator.num_processes),  # a count over all processes
         **{name: round(seconds, 3) for name, seconds in timings.items()},
     }
+
+
+def average_gradients(accelerator: Any, optimizer: Any) -> None:
+    """Average the trainable parameters' gradients over the processes of a launch (no-op in one process).
+
+    Each process computed its gradients on its share of the minibatch; the mean is the gradient of
+    the whole minibatch, and every process then takes the same optimizer step.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is None:  # unused in this minibatch here, maybe not elsewhere
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            parameter.grad /= accelerator.num_processes
+
+
+def across_processes(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over the processes of a launch (the values themselves in one process)."""
+    if accelerator.num_processes == 1:
+        return values
+    import torch
+
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(values, accelerator.reduce(stacked, reduction="mean").tolist()))
 
 
 @dataclass
@@ -597,14 +657,23 @@ def response_values(models: Models, batch: dict[str, Any]) -> Any:
 
 
 def save_checkpoint(accelerator: Any, directory: Path, step: int, kl_control: Any) -> None:
-    """Models, optimizer and RNG state (accelerate), then `state.json` last: present means complete."""
+    """Models, optimizer and RNG state (accelerate), then `state.json` last: present means complete.
+
+    Every process of a launch takes part (each saves its RNG state); process 0 writes the rest.
+    """
     target = directory / f"step-{step}"
-    shutil.rmtree(target, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(target, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(target), safe_serialization=True)
-    (target / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_control.value}) + "\n", encoding="utf-8")
-    for older in directory.glob("step-*"):
-        if older != target:
-            shutil.rmtree(older, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = json.dumps({"step": step, "kl_coef": kl_control.value}) + "\n"
+        (target / "state.json").write_text(state, encoding="utf-8")
+        for older in directory.glob("step-*"):
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def resume(accelerator: Any, directory: Path, kl_control: Any) -> int:
