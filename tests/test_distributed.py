@@ -80,21 +80,41 @@ def test_generation_stages_are_refused_under_a_launch(tmp_path, tiny_model_dir, 
     assert not (tmp_path / "run").exists()
 
 
-def test_rl_that_cannot_spread_is_refused_under_a_launch(tmp_path, tiny_model_dir, monkeypatch):
+def test_rl_that_cannot_split_is_refused_under_a_launch(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rl, message in (
-        ({"algorithm": "grpo"}, "rl.algorithm: grpo runs in one process"),
-        ({"rollout_batch_size": 5}, "rl.rollout_batch_size: 5 prompts do not split into 2 equal shares"),
-        ({"rollout_batch_size": 4, "minibatch_size": 4}, "of at least rl.minibatch_size"),
+        ({"rollout_batch_size": 5}, "rl.rollout_batch_size: 5 do not split into 2 equal shares"),
+        ({"rollout_batch_size": 4, "minibatch_size": 4}, r"of at least 4 \(rl.minibatch_size\)"),
     ):
         config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path, rl=rl))
         with pytest.raises(UserError, match=message):
             run_pipeline(config, tmp_path / "run", ["rl"])
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path, rl={"lora": {"enabled": False}}))
-    with pytest.raises(UserError, match="ppo keeps whole models in every process; launch it with DDP, not FSDP"):
-        run_pipeline(config, tmp_path / "run", ["rl"])
+    for algorithm in ("ppo", "grpo"):
+        rl = {"algorithm": algorithm, "rollout_batch_size": 4, "group_size": 2, "lora": {"enabled": False}}
+        config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path, rl=rl))
+        with pytest.raises(UserError, match=f"{algorithm} keeps whole models in every process .* not FSDP"):
+            run_pipeline(config, tmp_path / "run", ["rl"])
     assert not (tmp_path / "run").exists()
+
+
+def test_two_process_launch_runs_grpo(tmp_path, tiny_model_dir):
+    """GRPO (TRL's trainer) under `accelerate launch`: the rollout batch is split, process 0 saves."""
+    from test_rl_stage import run_dir as make_rl_run
+
+    run = make_rl_run.__wrapped__(tmp_path, tiny_model_dir)
+    rl = {"algorithm": "grpo", "steps": 2, "rollout_batch_size": 4, "group_size": 2, "max_new_tokens": 6,
+          "max_eval_prompts": 2, "save_steps": 1}  # fmt: skip
+    data = tiny_config_data(tiny_model_dir, tmp_path, rl=rl, training={"device": "cpu"})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    result = launch(["-m", "constitutional.cli", "run", str(config_path), "--run-dir", str(run.root), "--stages", "rl"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert is_complete_model(run.path("rl_cai"))
+    assert [row["step"] for row in read_records(run.path("rl_metrics"))] == [1, 2]
+    entry = run.stage_entry("rl")
+    assert entry["status"] == "done" and entry["counts"]["algorithm"] == "grpo" and entry["counts"]["steps"] == 2
+    assert not run.checkpoints("rl").exists() or not list(run.checkpoints("rl").glob("checkpoint-*"))
 
 
 def test_two_process_launch_runs_ppo_with_shared_rollouts(tmp_path, tiny_model_dir):

@@ -131,26 +131,24 @@ def check(config: CoreConfig, settings: Settings) -> None:
     """Nothing outside the run directory (SL-CAI and the PM are this run's own); what the launch allows.
 
     Raises:
-        UserError: under a multi-process launch, RLOO or GRPO (they run in one process), a PPO
-            rollout batch that does not split evenly over the processes, or a sharded strategy
-            for PPO (each process keeps whole models); LoRA merging under a sharded launch.
+        UserError: under a multi-process launch, a rollout batch that does not split evenly over
+            the processes, or a sharded strategy for PPO, RLOO or GRPO (each process samples with
+            whole models); LoRA merging under a sharded launch.
     """
     processes = world_size()
-    if processes > 1 and settings.algorithm in ("rloo", "grpo"):
-        raise UserError(
-            f"rl.algorithm: {settings.algorithm} runs in one process; this launch has {processes} processes. "
-            "Run `cai run CONFIG --stages rl` without accelerate launch, or use rl.algorithm: ppo or dpo"
-        )
-    if processes > 1 and settings.algorithm == "ppo":
+    if processes > 1 and settings.algorithm != "dpo":
         share = settings.rollout_batch_size // processes
-        if settings.rollout_batch_size % processes or settings.minibatch_size > share:
+        smallest = settings.minibatch_size if settings.algorithm == "ppo" else 1
+        if settings.rollout_batch_size % processes or share < smallest:
             raise UserError(
-                f"rl.rollout_batch_size: {settings.rollout_batch_size} prompts do not split into {processes} equal "
-                f"shares of at least rl.minibatch_size ({settings.minibatch_size}) for this launch's processes"
+                f"rl.rollout_batch_size: {settings.rollout_batch_size} do not split into {processes} equal "
+                f"shares of at least {smallest}{' (rl.minibatch_size)' if smallest > 1 else ''} for this launch's "
+                "processes"
             )
         if sharding_strategy():
             raise UserError(
-                f"rl.algorithm: ppo keeps whole models in every process; launch it with DDP, not {sharding_strategy()}"
+                f"rl.algorithm: {settings.algorithm} keeps whole models in every process (it samples with them); "
+                f"launch it with DDP, not {sharding_strategy()}"
             )
     check_launch(NAME, merge_lora=settings.lora.enabled)
 
@@ -790,7 +788,8 @@ def run_group(
     checkpoints = run_dir.checkpoints(NAME)
     args = config_class(
         output_dir=str(checkpoints), max_steps=settings.steps, learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.rollout_batch_size, num_generations=settings.group_size,
+        # Under a launch each process takes its share: the rollout batch stays rl.rollout_batch_size.
+        per_device_train_batch_size=settings.rollout_batch_size // world_size(), num_generations=settings.group_size,
         max_completion_length=settings.max_new_tokens, temperature=settings.temperature, beta=settings.kl_coef,
         seed=config.seed, logging_steps=1, save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
         disable_tqdm=False, **trainer_arguments(config.training),
@@ -802,6 +801,8 @@ def run_group(
     )  # fmt: skip
     resume_from = last_complete_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not is_main_process():  # the other processes of a launch only help train; process 0 evaluates and saves
+        return {}
     history = [
         {"step": entry["step"], "mean_reward": entry.get("reward"), "kl": entry.get("kl"),
          "entropy": entry.get("entropy"), "response_length": entry.get("completions/mean_length"),
