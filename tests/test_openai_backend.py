@@ -280,6 +280,23 @@ def test_auto_scoring_uses_echo_when_the_server_answers_it(server):
     assert backend.scoring_method == "echo" and scores == [[pytest.approx(-1.05), pytest.approx(-2.25)]]
 
 
+def test_auto_scoring_is_not_misled_by_an_unreadable_answer(server):
+    """A body that is not a JSON object while echo is probed is a transport accident: retried, and
+    echo is still chosen. An answer without log-probs is a missing capability: not retried."""
+    url, state = server
+    state.script = [Scripted(body="half a docu")]  # JSON, but not an object
+    backend = make_backend(url)
+    backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert backend.scoring_method == "echo"
+    state.script, state.with_logprobs, state.top, state.bodies = [], False, TOP, []
+    backend = make_backend(url)
+    backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert backend.scoring_method == "top_logprobs"
+    assert sum(bool(body.get("echo")) for body in state.bodies) == 1  # echo asked once, not retried
+
+
 def test_top_logprobs_scoring_reads_where_the_options_part_ways(server):
     url, state = server
     state.with_logprobs, state.top = False, TOP  # like llama.cpp's server: no echoed prompt log-probs

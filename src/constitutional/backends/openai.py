@@ -370,8 +370,9 @@ class OpenAIBackend(Backend):
             endpoint: "completions" or "chat"; default the back end's.
             parse: reads what the caller needs from the answer's JSON; a shape it cannot read
                 (`MalformedAnswer`, or a KeyError, TypeError, ... on the server's data) is retried.
-            retry_malformed: False while probing what a server supports: a missing capability
-                answers the same every time, so it is reported at once.
+            retry_malformed: False while probing what a server supports: an answer without the
+                log-probs asked for (a missing capability answers the same every time) is reported
+                at once; a body that is not JSON at all is still retried.
 
         Returns:
             `parse(answer)`, or the answer's JSON object without `parse`.
@@ -406,7 +407,7 @@ class OpenAIBackend(Backend):
                     try:
                         result = _read_answer(response, url, parse)
                     except MalformedAnswer as error:
-                        if not retry_malformed:
+                        if not retry_malformed and not isinstance(error, UnreadableAnswer):
                             self.fleet.release(server, ok=True)
                             raise
                         last_error = str(error)
@@ -453,6 +454,10 @@ class MalformedAnswer(RuntimeError):
     """The server answered 200, but not in the shape of a completions answer (or without what was asked)."""
 
 
+class UnreadableAnswer(MalformedAnswer):
+    """A 200 whose body is not a JSON object: a transport accident, never a missing capability."""
+
+
 def _read_answer(response: httpx.Response, url: str, parse: Callable[[dict[str, Any]], R] | None) -> Any:
     """The answer's JSON object, read by `parse`; any shape `parse` cannot read is a MalformedAnswer."""
     data = _json_body(response, url)
@@ -474,9 +479,9 @@ def _json_body(response: httpx.Response, url: str) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
-        raise MalformedAnswer(f"{url} returned a response that is not JSON: {_one_line(response.text)!r}") from None
+        raise UnreadableAnswer(f"{url} returned a response that is not JSON: {_one_line(response.text)!r}") from None
     if not isinstance(data, dict):
-        raise MalformedAnswer(f"{url} returned JSON that is not an object: {_one_line(json.dumps(data))!r}")
+        raise UnreadableAnswer(f"{url} returned JSON that is not an object: {_one_line(json.dumps(data))!r}")
     return data
 
 
