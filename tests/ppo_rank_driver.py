@@ -2,7 +2,8 @@
 it rolled out and a digest of its trainable weights to `$CAI_RANK_LOG_DIR/rank<N>.txt`.
 
 tests/test_distributed.py runs it under `accelerate launch` to check that the processes of a launch
-share each rollout batch and keep identical weights.
+share each rollout batch and keep identical weights (with small gradient buckets, so the averaging
+goes through many of them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def ppo_step_with_log(accelerator, models, optimizer, kl_control, settings, prom
 
 
 rl.ppo_step = ppo_step_with_log
+rl.GRADIENT_BUCKET = 4096  # the tiny model's gradients then span many buckets, as a large model's do
 
 if __name__ == "__main__":
     from constitutional.cli import main

@@ -475,6 +475,9 @@ def ppo_step(
     }
 
 
+GRADIENT_BUCKET = 1 << 24  # elements per all-reduce (64 MB of fp32), as DDP's buckets are about that size
+
+
 def average_gradients(accelerator: Any, optimizer: Any) -> None:
     """Average the trainable parameters' gradients over the processes of a launch (no-op in one process).
 
@@ -486,12 +489,30 @@ def average_gradients(accelerator: Any, optimizer: Any) -> None:
     import torch
     import torch.distributed as dist
 
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            if parameter.grad is None:  # unused in this minibatch here, maybe not elsewhere
-                parameter.grad = torch.zeros_like(parameter)
-            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-            parameter.grad /= accelerator.num_processes
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    for parameter in parameters:
+        if parameter.grad is None:  # unused in this minibatch here, maybe not elsewhere
+            parameter.grad = torch.zeros_like(parameter)
+    # Flattened into buckets of at most GRADIENT_BUCKET elements of one dtype and device: a few
+    # large all-reduces instead of one per parameter, and never a second copy of all gradients.
+    buckets: list[list[Any]] = []
+    sizes: dict[tuple[Any, Any], int] = {}
+    open_bucket: dict[tuple[Any, Any], list[Any]] = {}
+    for parameter in parameters:
+        kind, grad = (parameter.grad.dtype, parameter.grad.device), parameter.grad
+        if kind not in open_bucket or sizes[kind] + grad.numel() > GRADIENT_BUCKET:
+            open_bucket[kind], sizes[kind] = [], 0
+            buckets.append(open_bucket[kind])
+        open_bucket[kind].append(grad)
+        sizes[kind] += grad.numel()
+    for grads in buckets:
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= accelerator.num_processes
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
 
 
 def across_processes(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
