@@ -161,3 +161,19 @@ def test_metrics_from_model_judged_comparisons():
     ]
     metrics = compute_metrics(answers, judgments, ["a", "b"], judge="model", bootstrap=0, seed=0)
     assert metrics["elo"]["harmlessness"]["b"]["elo"] > 150 and metrics["elo"]["helpfulness"] == {}
+
+
+def test_model_card_license_comes_from_the_base_model(tmp_path):
+    from constitutional.evaluation.model_card import base_license
+
+    assert base_license("embedded") == "gemma"  # Gemma's terms bind a fine-tune of it
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    assert base_license(str(folder)) is None  # no card: no license is guessed
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# My base\n")
+    assert base_license("my-base", base_dir=str(tmp_path)) == "apache-2.0"
+    (folder / "README.md").write_text("# A card without metadata\n---\nlicense: mit\n---\n")
+    assert base_license(str(folder)) is None
+    (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    assert base_license(str(folder)) is None
+    assert base_license("some-org/some-model") is None  # hub ids are not looked up

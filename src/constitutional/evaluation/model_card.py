@@ -53,6 +53,9 @@ def model_card(name: str, config: Any, metrics: dict[str, Any], run_dir: RunDir)
     base_id = hub_id(base)
     if base_id:
         metadata["base_model"] = base_id
+    license_id = base_license(base, config.base_dir)
+    if license_id:  # a fine-tune is bound by its base model's license
+        metadata["license"] = license_id
     algorithm = run_dir.stage_entry("rl").get("counts", {}).get("algorithm") if name == "rl-cai" else None
     metadata["tags"] = ["constitutional-ai", "harmlessness", name] + ([algorithm] if algorithm else [])
     sources = (config.data.red_team, config.data.helpful, config.data.human_preferences)
@@ -100,3 +103,28 @@ def hub_id(name: str) -> str | None:
     if Path(name).expanduser().exists() or name.endswith(".gguf"):
         return None
     return name if "/" in name else None
+
+
+def base_license(name: str, base_dir: str = ".") -> str | None:
+    """The base model's license id for the card's metadata, or None when it is not known here.
+
+    The embedded model is Gemma (its terms: `gemma`); a local model folder's own card says its
+    license in its metadata. A hub id is not looked up (no network is assumed): the card then
+    names no license rather than guess one.
+    """
+    if name == EMBEDDED:
+        return "gemma"
+    folder = Path(name).expanduser()
+    folder = folder if folder.is_absolute() else Path(base_dir) / folder
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    parts = readme.read_text(encoding="utf-8", errors="replace").split("---", 2)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    try:
+        metadata = yaml.safe_load(parts[1])
+    except yaml.YAMLError:
+        return None
+    value = metadata.get("license") if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) and value.strip() else None
