@@ -34,6 +34,7 @@ from constitutional.config import config_from_dict
 from constitutional.pipeline import run_pipeline
 from constitutional.records import read_records
 from constitutional.rundir import ARTEFACTS, RunDir, artefacts_made_by
+from constitutional.sharding import Shard
 from constitutional.stages import STAGES
 from constitutional.training import is_complete_model
 
@@ -224,3 +225,31 @@ def check_nothing_lost_by_the_rerun(run: RunDir, base: RunDir, stage: str) -> No
         if base.path(artefact).is_file():
             assert copies[0].read_bytes() == base.path(artefact).read_bytes(), artefact
         TALLY["archived outputs kept"] += 1
+
+
+@pytest.mark.parametrize("kill_at", ["constitutional.sharding.write_records_atomic@1",
+                                     "constitutional.rundir.RunDir.update_stage@1"])  # fmt: skip
+def test_a_killed_merge_is_run_again_to_the_same_result(baseline, tmp_path, kill_at):
+    """`cai merge` killed before its files are written, or after them but before the manifest says so."""
+    config_path, base = baseline
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config = config_from_dict(data, base_dir=str(config_path.parent))
+    shards = []
+    for index in range(2):
+        shard = prepare(base, Scenario("critique"), tmp_path / f"shard{index}")
+        run_pipeline(config, shard.root, ["critique"], shard=Shard(index, 2))
+        shards.append(shard)
+    target = prepare(base, Scenario("critique"), tmp_path / "merged")
+    command = [sys.executable, str(DRIVER), "merge", str(target.root), *(str(s.root) for s in shards), "--stage",
+               "critique"]  # fmt: skip
+    env = {**os.environ, "CAI_KILL_AT": kill_at}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert target.stage_status("critique") != "done"  # the manifest never claims a merge that did not finish
+    check_after_kill(target)
+    env.pop("CAI_KILL_AT")
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert target.stage_status("critique") == "done"
+    TALLY["kills in cai merge"] += 1
+    TALLY["records compared"] += assert_same_records(target, base, "critiques")
