@@ -62,3 +62,11 @@ def tiny_config_data(model_dir: Path, data_dir: Path, **sections: dict) -> dict:
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return data
+
+
+def cai_error_line(stderr: str) -> str:
+    """The one `cai: error:` line of a failed command's stderr, which must be its last line (no traceback after)."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("cai: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-3:]
+    return errors[0]

@@ -24,7 +24,7 @@ from constitutional.records import read_records
 from constitutional.rundir import RunDir
 from constitutional.sources import load_preference_pairs, load_prompts
 
-from conftest import tiny_config_data, write_prompts
+from conftest import cai_error_line, tiny_config_data, write_prompts
 
 PAGE = 4096
 
@@ -66,13 +66,6 @@ def run_critique(config: Path, run_dir: Path) -> int:
     return main(["run", str(config), "--run-dir", str(run_dir), "--stages", "critique"])
 
 
-def last_error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("cai: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines[-3:]  # one line, no traceback after it
-    return errors[0]
-
-
 def test_a_full_disk_stops_the_stage_in_one_line_and_keeps_what_was_written(critique_config, tmp_path, capsys):
     assert run_critique(critique_config, tmp_path / "baseline") == 0
     baseline = read_records(RunDir(tmp_path / "baseline").path("critiques"))
@@ -83,7 +76,7 @@ def test_a_full_disk_stops_the_stage_in_one_line_and_keeps_what_was_written(crit
         filler.write_bytes(b"\0" * (free_bytes(disk) - 5 * PAGE))  # room for config, manifest, 2 pages of records
         run_dir = disk / "run"
         assert run_critique(critique_config, run_dir) == 1
-        error = last_error_line(capsys)
+        error = cai_error_line(capsys.readouterr().err)
         assert "cannot write" in error and "No space left on device" in error
         run = RunDir(run_dir)
         json.loads(run.manifest_path.read_text())  # the manifest is whole (old or new, never half)
@@ -111,9 +104,9 @@ def test_a_read_only_run_directory_is_one_line_and_left_untouched(critique_confi
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         capsys.readouterr()
         assert run_critique(critique_config, disk / "run") == 1
-        assert "Read-only file system" in last_error_line(capsys)
+        assert "Read-only file system" in cai_error_line(capsys.readouterr().err)
         assert main(["report", str(disk / "run")]) == 1
-        assert "Read-only file system" in last_error_line(capsys)
+        assert "Read-only file system" in cai_error_line(capsys.readouterr().err)
         assert tree_digest(disk / "run") == before
 
 

@@ -98,13 +98,14 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
     main = distributed.is_main_process()
     if main:
         upstream = {artefact: run.fingerprint(artefact) for artefact in all_reads(config, module)}
-        run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream})
+        extra: dict[str, Any] = {}
         remote_code = config.remote_code_keys()
         if remote_code:
             log.warning("%s: %s on: code from model repositories may run", name, ", ".join(remote_code))
-            run.update_stage(name, trust_remote_code=remote_code)
+            extra["trust_remote_code"] = remote_code
         if run.shard is not None:
-            run.update_stage(name, shard=str(run.shard))
+            extra["shard"] = str(run.shard)
+        run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream}, **extra)
     try:
         counts = module.run(config, settings, run, inputs)
     except BaseException as error:

@@ -139,13 +139,14 @@ class RunDir:
         entry.update(fields)
         write_json_atomic(self.manifest_path, manifest)
 
-    def start_stage(self, stage: str, settings: dict[str, Any], inputs: dict[str, str]) -> None:
+    def start_stage(self, stage: str, settings: dict[str, Any], inputs: dict[str, str], **fields: Any) -> None:
         """Mark a stage running, with the settings and input fingerprints it runs on.
 
         Args:
             stage: its name.
             settings: every config value it reads, flattened ("feedback.cot": false, ...).
             inputs: fingerprints of what it reads (upstream artefacts, prompt files, models).
+            fields: more of the entry, written with it (`shard`, `trust_remote_code`).
         """
         self.update_stage(
             stage,
@@ -156,6 +157,7 @@ class RunDir:
             inputs=inputs,
             versions=package_versions(),
             error=None,
+            **fields,
         )
 
     def finish_stage(self, stage: str, counts: dict[str, Any]) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
+from constitutional.errors import UserError
 from constitutional.evaluation.metrics import headline_rows, markdown_table
-from constitutional.models import EMBEDDED
+from constitutional.models import EMBEDDED, resolve_model_name
 from constitutional.rundir import MODEL_CARD, RunDir
 
 # The embedded default is a Q4_K_M GGUF of this hub model.
@@ -112,12 +113,14 @@ def base_license(name: str, base_dir: str = ".") -> str | None:
     license in its metadata. A hub id is not looked up (no network is assumed): the card then
     names no license rather than guess one.
     """
-    if name == EMBEDDED:
+    try:
+        ref = resolve_model_name(name, base_dir)
+    except UserError:
+        return None
+    if ref.kind == "embedded":
         return "gemma"
-    folder = Path(name).expanduser()
-    folder = folder if folder.is_absolute() else Path(base_dir) / folder
-    readme = folder / "README.md"
-    if not readme.is_file():
+    readme = Path(ref.location) / "README.md"
+    if ref.kind != "local" or not readme.is_file():
         return None
     parts = readme.read_text(encoding="utf-8", errors="replace").split("---", 2)
     if len(parts) < 3 or parts[0].strip():
