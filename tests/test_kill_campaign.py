@@ -63,8 +63,8 @@ class Scenario:
 # killed in the second checkpoint's optimizer write, checkpoint 1 is complete and 2 is not.
 MID_CHECKPOINT = "transformers.trainer.Trainer._save_optimizer_and_scheduler@2"
 SCENARIOS = [
-    Scenario("critique", "constitutional.records.append_records@2"),
-    Scenario("critique", "constitutional.records.append_records@2:torn"),
+    Scenario("critique", "constitutional.chunks.append_records@2"),
+    Scenario("critique", "constitutional.chunks.append_records@2:torn"),
     Scenario("sl", MID_CHECKPOINT, resumes_from_checkpoint=True),
     Scenario("pm", "constitutional.training._finish_partial@1"),
     Scenario("rl", "accelerate.accelerator.save_accelerator_state@2", resumes_from_checkpoint=True),
@@ -74,10 +74,10 @@ SCENARIOS = [
     pytest.param(Scenario("sl", "torch.save@1"), marks=pytest.mark.slow),
     pytest.param(Scenario("sl", "constitutional.training._finish_partial@1"), marks=pytest.mark.slow),
     pytest.param(Scenario("sl", seed=3), marks=pytest.mark.slow),
-    pytest.param(Scenario("pairs", "constitutional.records.append_records@1:torn"), marks=pytest.mark.slow),
+    pytest.param(Scenario("pairs", "constitutional.chunks.append_records@1:torn"), marks=pytest.mark.slow),
     pytest.param(Scenario("pairs", seed=4), marks=pytest.mark.slow),
-    pytest.param(Scenario("feedback", "constitutional.records.append_records@1"), marks=pytest.mark.slow),
-    pytest.param(Scenario("feedback", "constitutional.records.append_records@1:torn"), marks=pytest.mark.slow),
+    pytest.param(Scenario("feedback", "constitutional.chunks.append_records@1"), marks=pytest.mark.slow),
+    pytest.param(Scenario("feedback", "constitutional.chunks.append_records@1:torn"), marks=pytest.mark.slow),
     pytest.param(Scenario("feedback", seed=5), marks=pytest.mark.slow),
     pytest.param(Scenario("pm", MID_CHECKPOINT, resumes_from_checkpoint=True), marks=pytest.mark.slow),
     pytest.param(Scenario("pm", "constitutional.records.write_records_atomic@1"), marks=pytest.mark.slow),
@@ -88,8 +88,8 @@ SCENARIOS = [
     ),  # fmt: skip
     pytest.param(Scenario("rl", "constitutional.stages.rl.plot_curves@1"), marks=pytest.mark.slow),
     pytest.param(Scenario("rl", seed=7), marks=pytest.mark.slow),
-    pytest.param(Scenario("eval", "constitutional.records.append_records@3"), marks=pytest.mark.slow),
-    pytest.param(Scenario("eval", "constitutional.records.append_records@2:torn"), marks=pytest.mark.slow),
+    pytest.param(Scenario("eval", "constitutional.chunks.append_records@3"), marks=pytest.mark.slow),
+    pytest.param(Scenario("eval", "constitutional.chunks.append_records@2:torn"), marks=pytest.mark.slow),
     pytest.param(Scenario("eval", seed=8), marks=pytest.mark.slow),
     pytest.param(Scenario("pm", "os.replace@1", rerun_set="pm.learning_rate=2.0e-5"), marks=pytest.mark.slow),
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from constitutional import __version__
 from constitutional.errors import ServiceError, UserError
-from constitutional.stages import STAGES
+from constitutional.registry import STAGES
 
 # Errors of the storage, not of the input or the code: a full disk or quota, a read-only or
 # forbidden run directory. Reported in one line; everything written before stays whole.
@@ -192,8 +192,9 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_merge(args: argparse.Namespace) -> int:
+    from constitutional.registry import FINISHED_AFTER_MERGE
     from constitutional.rundir import RunDir
-    from constitutional.sharding import FINISHED_AFTER_MERGE, merge_shards
+    from constitutional.sharding import merge_shards
 
     counts = merge_shards(RunDir(Path(args.run_dir)), [RunDir(Path(path)) for path in args.shard_dirs], args.stage)
     merged = ", ".join(f"{count} {name}" for name, count in counts["records"].items())

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from constitutional.backends import Backend, SamplingParams
-from constitutional.backends.settings import require, require_positive
 from constitutional.constitution import Constitution, FeedbackPrinciple, sample_principles
-from constitutional.errors import UserError
+from constitutional.errors import UserError, require, require_positive
 from constitutional.prompts import render_plain, trim_at_turn_marker
 from constitutional.records import conversation
 from constitutional.seeding import seed_for

@@ -1,4 +1,7 @@
-"""The errors users see, each in one line: bad input (exit 2) and a service that stays down (exit 1)."""
+"""The errors users see, each in one line: bad input (exit 2) and a service that stays down (exit 1).
+
+`require` and `require_positive` are the one-line checks that config sections validate with.
+"""
 
 
 class UserError(Exception):
@@ -30,3 +33,14 @@ def invalid_yaml(where: str, error: Exception) -> UserError:
     at = f":{mark.line + 1}" if mark is not None else ""
     problem = getattr(error, "problem", None) or str(error)
     return UserError(f"{where}{at}: invalid YAML: {' '.join(str(problem).split())}")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line UserError unless `condition` holds (config validation)."""
+    if not condition:
+        raise UserError(message)
+
+
+def require_positive(key: str, value: int | float | None) -> None:
+    """`key` must be a positive number (None means "not set" and passes)."""
+    require(value is None or value > 0, f"{key}: expected a positive number, got {value}")

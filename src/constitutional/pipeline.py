@@ -20,12 +20,9 @@ from constitutional import distributed
 from constitutional.config import stage_settings
 from constitutional.errors import UserError
 from constitutional.records import read_records
-from constitutional.rundir import ARTEFACTS, RunDir
-from constitutional.sharding import RECORD_FILES, SHARDABLE
-from constitutional.stages import STAGES, stage_modules
-
-# The stages that train: the only ones that spread over the processes of an `accelerate launch`.
-TRAINING_STAGES = ("sl", "pm", "rl")
+from constitutional.registry import ARTEFACTS, RECORD_FILES, SHARDABLE, STAGES, TRAINING_STAGES
+from constitutional.rundir import RunDir
+from constitutional.stages import stage_modules
 
 log = logging.getLogger(__name__)
 

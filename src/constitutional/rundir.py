@@ -14,7 +14,8 @@ RUN_DIR/
   previous/<time>/         outputs replaced by `--rerun`, with the config and manifest they came from
 ```
 
-Every path of a run is named here and nowhere else; stages ask `RunDir.path(artefact)`.
+Every path of a run is named in `registry.py` (with the stage that makes it) and nowhere else;
+stages ask `RunDir.path(artefact)`.
 """
 
 from __future__ import annotations
@@ -31,50 +32,12 @@ from typing import Any
 
 from constitutional.errors import UserError
 from constitutional.records import file_sha256, package_versions, write_json_atomic
+from constitutional.registry import ARTEFACTS, artefacts_made_by
 
 log = logging.getLogger(__name__)
 
 STAGE_STATUSES = ("pending", "running", "done", "failed")
 MODEL_CARD = "README.md"
-
-
-@dataclass(frozen=True)
-class Artefact:
-    """One output of a stage, by its place in the run directory."""
-
-    path: str  # relative to the run directory
-    made_by: str  # the stage that writes it
-
-
-ARTEFACTS: dict[str, Artefact] = {
-    "critiques": Artefact("data/critiques.jsonl", "critique"),
-    "sl_cai": Artefact("models/sl-cai", "sl"),
-    "pairs": Artefact("data/pairs.jsonl", "pairs"),
-    "ai_labels": Artefact("data/ai_labels.jsonl", "feedback"),
-    "helpful_pairs": Artefact("data/helpful_pairs.jsonl", "pm"),  # only with data.human_preferences: none
-    "ai_helpfulness": Artefact("data/ai_helpfulness.jsonl", "pm"),  # only with data.human_preferences: none
-    "pm_train": Artefact("data/pm_train.jsonl", "pm"),
-    "pm_eval": Artefact("data/pm_eval.jsonl", "pm"),
-    "pm": Artefact("models/pm", "pm"),
-    "pm_report": Artefact("eval/pm.json", "pm"),
-    "pm_calibration": Artefact("eval/pm_calibration.png", "pm"),
-    "rl_cai": Artefact("models/rl-cai", "rl"),
-    "rl_prompts": Artefact("data/rl_prompts.jsonl", "rl"),
-    "rl_metrics": Artefact("eval/rl_metrics.jsonl", "rl"),
-    "rl_curves": Artefact("eval/rl_curves.png", "rl"),
-    "rl_samples": Artefact("eval/rl_samples.jsonl", "rl"),
-    "rl_tensorboard": Artefact("eval/tensorboard-rl", "rl"),  # only with training.report_to: tensorboard
-    "eval_prompts": Artefact("eval/prompts.jsonl", "eval"),
-    "eval_answers": Artefact("eval/answers.jsonl", "eval"),
-    "eval_judgments": Artefact("eval/judgments.jsonl", "eval"),
-    "eval_metrics": Artefact("eval/metrics.json", "eval"),
-    "eval_report": Artefact("eval/report.html", "eval"),
-}
-
-
-def artefacts_made_by(stage: str) -> list[str]:
-    """Names of the artefacts `stage` writes."""
-    return [name for name, artefact in ARTEFACTS.items() if artefact.made_by == stage]
 
 
 def now() -> str:

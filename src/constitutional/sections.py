@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from constitutional.backends import BACKENDS, Backend, import_backend, load_backend
-from constitutional.backends.settings import OpenAISettings, TransformersSettings, VLLMSettings, require
-from constitutional.errors import UserError
+from constitutional.backends.settings import OpenAISettings, TransformersSettings, VLLMSettings
+from constitutional.errors import UserError, require
 from constitutional.training import TrainingSettings
 
 PromptFormat = Literal["auto", "plain", "chat"]

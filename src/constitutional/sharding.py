@@ -17,15 +17,8 @@ from typing import Any
 
 from constitutional.errors import UserError
 from constitutional.records import read_records, write_records_atomic
-from constitutional.rundir import RunDir, artefacts_made_by, now
-
-# The stages whose work is a list of independent items (the rest train, or read every record).
-SHARDABLE = ("critique", "pairs", "feedback", "eval")
-# Stages whose result needs every shard's records: `cai merge` gathers the records and leaves the
-# stage to finish with `cai run --stages eval` on the merged run, which generates nothing again.
-FINISHED_AFTER_MERGE = ("eval",)
-# Files every shard writes whole and alike (eval's prompt split): merged by checking they agree.
-SHARED_FILES = {"eval": ("eval_prompts",)}
+from constitutional.registry import FINISHED_AFTER_MERGE, RECORD_FILES, SHARDABLE, SHARED_FILES, artefacts_made_by
+from constitutional.rundir import RunDir, now
 
 
 @dataclass(frozen=True)
@@ -171,9 +164,6 @@ def _check_shard_set(entries: list[tuple[RunDir, dict[str, Any]]], stage: str) -
 def _record_artefacts(stage: str) -> list[str]:
     """The record files (JSONL) a stage writes."""
     return [name for name in artefacts_made_by(stage) if name in RECORD_FILES]
-
-
-RECORD_FILES = ("critiques", "pairs", "ai_labels", "eval_answers", "eval_judgments")
 
 
 def shard_key(record: dict[str, Any]) -> str:

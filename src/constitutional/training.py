@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from constitutional.backends.settings import require, require_positive
 from constitutional.distributed import is_main_process, sharding_strategy, wait_for_everyone, world_size
-from constitutional.errors import UserError
+from constitutional.errors import UserError, require, require_positive
 
 log = logging.getLogger(__name__)
 

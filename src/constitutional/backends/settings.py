@@ -11,20 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from constitutional.errors import UserError
+from constitutional.errors import require, require_positive
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise a one-line UserError unless `condition` holds (config validation)."""
-    if not condition:
-        raise UserError(message)
-
-
-def require_positive(key: str, value: int | float | None) -> None:
-    """`key` must be a positive number (None means "not set" and passes)."""
-    require(value is None or value > 0, f"{key}: expected a positive number, got {value}")
 
 
 @dataclass

@@ -24,8 +24,8 @@ import yaml
 from constitutional.errors import UserError
 from constitutional.evaluation.metrics import TABLE_COLUMNS, headline_rows
 from constitutional.records import read_records
+from constitutional.registry import STAGES
 from constitutional.rundir import RunDir
-from constitutional.stages import STAGES
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,15 @@ The stage contract: a stage module has
   "models.helpful", ...). Together with its section they are the stage's settings: the manifest
   records them, and a later run that changes one makes the stage stale;
 - `reads(config, settings) -> [artefact]`: the artefacts of the run directory it reads (names from
-  `rundir.ARTEFACTS`; which stage makes each is recorded there);
+  `registry.ARTEFACTS`; which stage makes each is recorded there);
 - optionally `optional_reads(config, settings) -> [artefact]`: artefacts it uses when they exist
   (stage `eval` evaluates whatever the run has); fingerprinted like `reads`, never required;
 - `check(config, settings) -> inputs`: loads and validates everything it reads from outside the
   run directory, writing nothing (every stage is checked before the first one runs);
 - `input_hashes(inputs) -> {name: fingerprint}` of those outside inputs;
 - `run(config, settings, run_dir, inputs) -> counts`: does the work, resuming what was started.
-Stages never import each other: they talk through the run directory.
+Stages never import each other: they talk through the run directory. The facts about stages that
+the rest of the package needs (order, outputs, sharding) are in `registry.py`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# The paper's order, then the evaluation.
-STAGES = ("critique", "sl", "pairs", "feedback", "pm", "rl", "eval")
+from constitutional.registry import STAGES
+
+__all__ = ["STAGES", "stage_module", "stage_modules"]
 
 
 def stage_module(name: str) -> ModuleType:

@@ -23,8 +23,9 @@ from importlib import resources
 from typing import Any
 
 from constitutional.backends import Backend, SamplingParams
-from constitutional.backends.settings import require, require_positive
+from constitutional.chunks import append_in_chunks
 from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution, sample_principles
+from constitutional.errors import require, require_positive
 from constitutional.prompts import (
     COPIED_FEWSHOT,
     STOP_STRINGS,
@@ -34,7 +35,7 @@ from constitutional.prompts import (
     render,
     trim_at_turn_marker,
 )
-from constitutional.records import append_in_chunks, read_records
+from constitutional.records import read_records
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
 from constitutional.seeding import seed_for

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from constitutional.backends import Backend, SamplingParams
-from constitutional.backends.settings import require, require_positive
+from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions, label_comparisons
 from constitutional.constitution import Constitution, load_constitution
+from constitutional.errors import require, require_positive
 from constitutional.evaluation import judge as questions
 from constitutional.evaluation.metrics import ELO_SETS, PROMPT_SETS, compute_metrics, model_pairs
 from constitutional.evaluation.model_card import write_model_cards
@@ -45,7 +46,6 @@ from constitutional.evaluation.report import write_report
 from constitutional.preference import PreferenceModel
 from constitutional.prompts import STOP_STRINGS, render, trim_at_turn_marker
 from constitutional.records import (
-    append_in_chunks,
     conversation,
     read_records,
     write_json_atomic,

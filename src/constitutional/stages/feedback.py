@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from constitutional.backends import Backend
-from constitutional.backends.settings import require_positive
+from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions, label_comparisons
 from constitutional.constitution import Constitution, load_constitution
-from constitutional.records import append_in_chunks, read_pairs, read_records
+from constitutional.errors import require_positive
+from constitutional.records import read_pairs, read_records
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
 

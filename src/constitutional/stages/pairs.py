@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from constitutional.backends import Backend, SamplingParams, import_backend
-from constitutional.backends.settings import require, require_positive
+from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import sample_pairs
-from constitutional.errors import UserError
+from constitutional.errors import UserError, require, require_positive
 from constitutional.prompts import STOP_STRINGS
-from constitutional.records import append_in_chunks, read_critiques, read_records
+from constitutional.records import read_critiques, read_records
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, ModelSpec, runtime
 

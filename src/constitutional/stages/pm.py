@@ -34,16 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from constitutional.backends import Backend, SamplingParams
-from constitutional.backends.settings import require, require_positive
+from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions, label_comparisons, sample_pairs
 from constitutional.constitution import Constitution, load_constitution
 from constitutional.distributed import is_main_process, main_process_first
-from constitutional.errors import UserError
+from constitutional.errors import UserError, require, require_positive
 from constitutional.models import ModelRef, fingerprint, load_sequence_classifier, load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel, pm_transcript, soft_bradley_terry_loss
 from constitutional.prompts import STOP_STRINGS
 from constitutional.records import (
-    append_in_chunks,
     conversation,
     read_ai_labels,
     read_critiques,

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from constitutional.backends import SamplingParams
-from constitutional.backends.settings import require, require_positive
 from constitutional.distributed import is_main_process, main_process_first, sharding_strategy, world_size
-from constitutional.errors import UserError
+from constitutional.errors import UserError, require, require_positive
 from constitutional.models import load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel
 from constitutional.prompts import STOP_STRINGS, Turn, render_plain, trim_at_turn_marker

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constitutional.backends.settings import require, require_positive
-from constitutional.errors import UserError
+from constitutional.errors import UserError, require, require_positive
 from constitutional.models import ModelRef, fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
 from constitutional.prompts import render_plain
 from constitutional.records import conversation, read_critiques
