@@ -2,8 +2,8 @@
 it rolled out and a digest of its trainable weights to `$CAI_RANK_LOG_DIR/rank<N>.txt`.
 
 tests/test_distributed.py runs it under `accelerate launch` to check that the processes of a launch
-share each rollout batch and keep identical weights (with small gradient buckets, so the averaging
-goes through many of them).
+share each rollout batch and keep identical weights (the gradients averaged by DDP's own all-reduce,
+through the wrapper `accelerator.prepare` puts on the models).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from constitutional.stages import rl
+from constitutional.rl import trainer
 
-_ppo_step = rl.ppo_step
+_ppo_step = trainer.ppo_step
 
 
 def ppo_step_with_log(accelerator, models, optimizer, kl_control, settings, prompts, *args, **kwargs):
@@ -30,8 +30,7 @@ def ppo_step_with_log(accelerator, models, optimizer, kl_control, settings, prom
     return metrics
 
 
-rl.ppo_step = ppo_step_with_log
-rl.GRADIENT_BUCKET = 4096  # the tiny model's gradients then span many buckets, as a large model's do
+trainer.ppo_step = ppo_step_with_log
 
 if __name__ == "__main__":
     from constitutional.cli import main

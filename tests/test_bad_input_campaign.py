@@ -29,7 +29,7 @@ from constitutional.cli import main
 from constitutional.config import Config, load_config
 from constitutional.constitution import load_constitution
 from constitutional.errors import UserError
-from constitutional.evaluation.judge import load_mc_eval
+from constitutional.evaluation.questions import load_mc_eval
 from constitutional.sources import load_preference_pairs, load_prompts
 
 from conftest import tiny_config_data

@@ -83,10 +83,10 @@ SCENARIOS = [
     pytest.param(Scenario("pm", "constitutional.records.write_records_atomic@1"), marks=pytest.mark.slow),
     pytest.param(Scenario("pm", seed=6), marks=pytest.mark.slow),
     pytest.param(
-        Scenario("rl", "constitutional.stages.rl.save_checkpoint@2", resumes_from_checkpoint=True),
+        Scenario("rl", "constitutional.rl.trainer.save_checkpoint@2", resumes_from_checkpoint=True),
         marks=pytest.mark.slow,
     ),  # fmt: skip
-    pytest.param(Scenario("rl", "constitutional.stages.rl.plot_curves@1"), marks=pytest.mark.slow),
+    pytest.param(Scenario("rl", "constitutional.rl.trainer.plot_curves@1"), marks=pytest.mark.slow),
     pytest.param(Scenario("rl", seed=7), marks=pytest.mark.slow),
     pytest.param(Scenario("eval", "constitutional.chunks.append_records@3"), marks=pytest.mark.slow),
     pytest.param(Scenario("eval", "constitutional.chunks.append_records@2:torn"), marks=pytest.mark.slow),

@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from constitutional.backends.answers import option_logprobs_from_top, sum_span_logprobs
 from constitutional.backends.base import SamplingParams
-from constitutional.backends.openai import OpenAIBackend, _sum_span_logprobs, load, option_logprobs_from_top
+from constitutional.backends.openai import OpenAIBackend, load
 from constitutional.backends.settings import OpenAISettings
 from constitutional.errors import UserError
 
@@ -254,7 +255,7 @@ def test_score_options_sums_echoed_option_logprobs(server):
 def test_score_options_includes_a_token_that_straddles_the_boundary():
     # Echoed "Q: (A)" tokenised as "Q", ": (", "A", ")" with prompt "Q:" - ": (" straddles it.
     logprobs = {"text_offset": [0, 1, 4, 5, 6], "token_logprobs": [None, -0.5, -0.7, -0.1, -99.0]}
-    assert _sum_span_logprobs(logprobs, start=2, end=6, base_url="u") == pytest.approx(-1.3)
+    assert sum_span_logprobs(logprobs, start=2, end=6, base_url="u") == pytest.approx(-1.3)
 
 
 def test_score_options_without_logprobs_says_what_the_server_must_support(server):
@@ -396,7 +397,7 @@ def test_retries_500_then_succeeds(server, caplog):
     url, state = server
     state.script = [Scripted(500, {"error": {"message": "overloaded"}})] * 2
     backend = make_backend(url)
-    with caplog.at_level(logging.WARNING, logger="constitutional.backends.openai"):
+    with caplog.at_level(logging.WARNING, logger="constitutional.backends.transport"):
         assert backend.generate(["x"], SamplingParams()) == ["<x|0>"]
     backend.close()
     assert len(state.bodies) == 3
@@ -498,7 +499,7 @@ def test_api_key_is_sent_but_never_shown(server, monkeypatch, caplog):
         Scripted(200),
         Scripted(401, {"error": {"message": f"Incorrect API key provided: {key}"}}),
     ]
-    with caplog.at_level(logging.WARNING, logger="constitutional.backends.openai"):
+    with caplog.at_level(logging.WARNING, logger="constitutional.backends.transport"):
         backend.generate(["x"], SamplingParams())
         with pytest.raises(UserError) as error:
             backend.generate(["x"], SamplingParams())

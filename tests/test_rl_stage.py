@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
 from constitutional.records import append_records, read_records
+from constitutional.rl import policy, trainer, trl_trainers
 from constitutional.rundir import RunDir
 from constitutional.stages import rl
 
@@ -37,6 +38,10 @@ def run_dir(tmp_path, tiny_model_dir):
     return run
 
 
+def run_ppo(config, run_dir, prompts, reward=space_reward):
+    return trainer.run_ppo(config.training, config.seed, config.rl, run_dir, prompts, reward)
+
+
 def make_config(**rl_settings):
     settings = {
         "steps": 12, "rollout_batch_size": 8, "minibatch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 12,
@@ -47,7 +52,14 @@ def make_config(**rl_settings):
 
 def test_ppo_raises_a_known_reward_with_a_bounded_kl(run_dir):
     config = make_config()
-    summary = rl.run_ppo(config, config.rl, run_dir, rl.split_prompts(run_dir, config.rl, config.seed), space_reward)
+    summary = trainer.run_ppo(
+        config.training,
+        config.seed,
+        config.rl,
+        run_dir,
+        rl.split_prompts(run_dir, config.rl, config.seed),
+        space_reward,
+    )
     history = read_records(run_dir.path("rl_metrics"))
     assert [row["step"] for row in history] == list(range(1, 13))
     first, last = history[:4], history[-4:]
@@ -68,7 +80,14 @@ def test_ppo_raises_a_known_reward_with_a_bounded_kl(run_dir):
 
 def test_lora_policy_uses_its_own_weights_without_adapters_as_the_reference(run_dir):
     config = make_config(steps=2, lora={"enabled": True, "r": 4, "alpha": 8})
-    rl.run_ppo(config, config.rl, run_dir, rl.split_prompts(run_dir, config.rl, config.seed), space_reward)
+    trainer.run_ppo(
+        config.training,
+        config.seed,
+        config.rl,
+        run_dir,
+        rl.split_prompts(run_dir, config.rl, config.seed),
+        space_reward,
+    )
     history = read_records(run_dir.path("rl_metrics"))
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[1]["kl"] != 0.0
     files = {path.name for path in run_dir.path("rl_cai").iterdir()}
@@ -85,20 +104,20 @@ def test_resume_gives_the_same_policy_as_an_uninterrupted_run(tmp_path, tiny_mod
     other = RunDir(tmp_path / "other")
     shutil.copytree(run_dir.root, other.root)
 
-    rl.run_ppo(config, config.rl, run_dir, prompts, space_reward)
-    original = rl.ppo_step
+    run_ppo(config, run_dir, prompts)
+    original = trainer.ppo_step
 
     def stop_at_third(*args, **kwargs):
         if args[6] == 2:  # `step`: the third step, after the checkpoint of step 2
             raise Stop
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rl, "ppo_step", stop_at_third)
+    monkeypatch.setattr(trainer, "ppo_step", stop_at_third)
     with pytest.raises(Stop):
-        rl.run_ppo(config, config.rl, other, prompts, space_reward)
+        run_ppo(config, other, prompts)
     assert (other.checkpoints("rl") / "step-2" / "state.json").exists()
-    monkeypatch.setattr(rl, "ppo_step", original)
-    summary = rl.run_ppo(config, config.rl, other, prompts, space_reward)
+    monkeypatch.setattr(trainer, "ppo_step", original)
+    summary = run_ppo(config, other, prompts)
     assert summary["resumed_from_step"] == 2
     assert [row["step"] for row in read_records(other.path("rl_metrics"))] == [1, 2, 3, 4]
     straight = AutoModelForCausalLM.from_pretrained(run_dir.path("rl_cai")).state_dict()
@@ -110,7 +129,7 @@ def test_resume_gives_the_same_policy_as_an_uninterrupted_run(tmp_path, tiny_mod
 def test_dpo_pairs_follow_the_soft_labels_and_drop_near_ties():
     base = {"prompt": "Q?", "response_a": "A", "response_b": "B", "principle_id": "harm"}
     labels = [{**base, "id": "1", "p_a": 0.9}, {**base, "id": "2", "p_a": 0.2}, {**base, "id": "3", "p_a": 0.55}]
-    pairs, dropped = rl.dpo_pairs(labels, margin=0.1)
+    pairs, dropped = trl_trainers.dpo_pairs(labels, margin=0.1)
     assert dropped == 1
     assert [(pair["chosen"], pair["rejected"]) for pair in pairs] == [(" A", " B"), (" B", " A")]
     assert pairs[0]["prompt"].endswith("Human: Q?\n\nAssistant:")
@@ -153,7 +172,14 @@ def test_group_size_must_divide_the_rollout_batch():
 
 def test_a_value_head_on_the_policy_can_replace_the_pm_critic(run_dir):
     config = make_config(steps=3, value_model="policy_head")
-    rl.run_ppo(config, config.rl, run_dir, rl.split_prompts(run_dir, config.rl, config.seed), space_reward)
+    trainer.run_ppo(
+        config.training,
+        config.seed,
+        config.rl,
+        run_dir,
+        rl.split_prompts(run_dir, config.rl, config.seed),
+        space_reward,
+    )
     history = read_records(run_dir.path("rl_metrics"))
     assert [row["step"] for row in history] == [1, 2, 3]
     assert history[0]["mean_value"] == 0.0  # the new head starts at zero ...
@@ -164,20 +190,20 @@ def test_the_bf16_sampler_gets_the_merged_policy_or_sl_cai(run_dir):
     import copy
 
     config = make_config(lora={"enabled": True, "r": 4, "alpha": 8})
-    models = rl.load_models(config.training, config.rl, run_dir, config.seed)
+    models = policy.load_models(run_dir, config.rl.lora, config.rl.value_model, config.seed, False, False, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():  # as if trained: non-zero adapters
-        for name, parameter in models.policy.named_parameters():
+        for name, parameter in policy.causal_lm(models).named_parameters():
             if "lora_B" in name:
                 parameter.normal_()
     sampler = AutoModelForCausalLM.from_pretrained(run_dir.path("sl_cai"), dtype=torch.bfloat16)
-    merged = copy.deepcopy(models.policy).merge_and_unload().state_dict()
-    rl.sync_sampler(models.policy, sampler, lora=True, merge=True)
+    merged = copy.deepcopy(policy.causal_lm(models)).merge_and_unload().state_dict()
+    policy.sync_sampler(policy.causal_lm(models), sampler, lora=True, merge=True)
     for name, tensor in sampler.state_dict().items():
         torch.testing.assert_close(tensor, merged[name].to(torch.bfloat16))
-    rl.sync_sampler(models.policy, sampler, lora=True, merge=False)
+    policy.sync_sampler(policy.causal_lm(models), sampler, lora=True, merge=False)
     original = AutoModelForCausalLM.from_pretrained(run_dir.path("sl_cai")).state_dict()
     for name, tensor in sampler.state_dict().items():
         torch.testing.assert_close(tensor, original[name].to(torch.bfloat16))
     # The policy itself is left as it was: adapters not merged.
-    assert not any(getattr(module, "merged", False) for module in models.policy.modules())
+    assert not any(getattr(module, "merged", False) for module in policy.causal_lm(models).modules())

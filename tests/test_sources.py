@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 
 from constitutional.errors import UserError
-from constitutional.sources import (
-    PromptItem,
-    load_preference_pairs,
-    load_prompts,
-    parse_transcript,
-    prompt_from_transcript,
-)
+from constitutional.hh_rlhf import parse_transcript, prompt_from_transcript
+from constitutional.sources import PromptItem, load_preference_pairs, load_prompts
 
 from conftest import SHARED_DATA
 

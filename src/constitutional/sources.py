@@ -17,33 +17,30 @@ content hashes, so the same prompt from two files gets the same id and duplicate
 problem with the input is a one-line `UserError` naming the file and, where there is one, the line.
 Files are read line by line (gzip decompressed as it goes): a capped load stops early, and no file
 is ever held whole in memory, except a `.json` list, which is parsed as one document.
+
+The containers are read in `source_rows.py` and HH-RLHF transcripts split in `hh_rlhf.py`; this
+module turns their rows into prompts and preference pairs.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
 import json
 import logging
-import zlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from constitutional.errors import UserError
 
+# prompt_from_transcript is also imported from here (evaluation/judge.py): keep it importable.
+from constitutional.hh_rlhf import Turn, looks_like_transcript, prompt_from_transcript, split_comparison
+from constitutional.source_rows import Row, open_source
+
 log = logging.getLogger(__name__)
 
-Turn = tuple[str, str]  # (role, text), role "human" | "assistant"
-Row = Any  # a dict (or, in .json lists and JSONL, a bare string) as read from the source
-
-HUMAN_MARKER = "\n\nHuman:"
-ASSISTANT_MARKER = "\n\nAssistant:"
 PROMPT_FIELDS = ("prompt", "chosen", "instruction", "question", "text", "goal", "Behavior", "turns")
-FILE_TYPES = (".jsonl", ".json", ".csv", ".txt")
 
 
 @dataclass(frozen=True)
@@ -60,85 +57,6 @@ class PromptItem:
     id: str
     prompt: str
     history: tuple[Turn, ...] = ()
-
-
-# --------------------------------------------------------------------------- transcripts
-
-
-def parse_transcript(text: str) -> list[Turn]:
-    """Split an HH-RLHF transcript into turns.
-
-    Only the exact markers "\\n\\nHuman:" and "\\n\\nAssistant:" start a turn (or "Human:" /
-    "Assistant:" at the very start of the text), so a colon inside a turn, or "Human:" in the
-    middle of a line, stays part of the text.
-
-    Args:
-        text: "\\n\\nHuman: ...\\n\\nAssistant: ...", any number of turns.
-
-    Returns:
-        [(role, text), ...] with roles "human" / "assistant", each text stripped.
-
-    Raises:
-        ValueError: the text has no marker, or has text before the first one.
-    """
-    stripped = text.lstrip()
-    if stripped.startswith(("Human:", "Assistant:")):
-        text = "\n\n" + stripped
-    marker = _next_marker(text, 0)
-    if marker is None:
-        raise ValueError("no 'Human:' or 'Assistant:' turn found")
-    if text[: marker[0]].strip():
-        raise ValueError("text before the first 'Human:' or 'Assistant:' turn")
-    turns: list[Turn] = []
-    while marker is not None:
-        _, role, text_start = marker
-        marker = _next_marker(text, text_start)
-        turns.append((role, text[text_start : marker[0] if marker else len(text)].strip()))
-    return turns
-
-
-def _next_marker(text: str, start: int) -> tuple[int, str, int] | None:
-    """The first turn marker at or after `start`: (its index, its role, the index after it)."""
-    found = []
-    for marker, role in ((HUMAN_MARKER, "human"), (ASSISTANT_MARKER, "assistant")):
-        index = text.find(marker, start)
-        if index >= 0:
-            found.append((index, role, index + len(marker)))
-    return min(found) if found else None
-
-
-def prompt_from_transcript(text: str) -> tuple[str, tuple[Turn, ...]]:
-    """The conversation up to and including its last Human turn.
-
-    Args:
-        text: an HH-RLHF transcript.
-
-    Returns:
-        (text of the last Human turn, the turns before it).
-
-    Raises:
-        ValueError: the transcript is malformed or has no Human turn.
-    """
-    turns = parse_transcript(text)
-    last = _last_human(turns)
-    return turns[last][1], tuple(turns[:last])
-
-
-def _last_human(turns: list[Turn]) -> int:
-    for index in range(len(turns) - 1, -1, -1):
-        if turns[index][0] == "human":
-            return index
-    raise ValueError("transcript has no 'Human:' turn")
-
-
-def _looks_like_transcript(text: str) -> bool:
-    """Whether a `prompt` value is an HH transcript rather than a plain prompt.
-
-    A transcript starts with a Human turn and has another turn marker; plain prompts that merely
-    mention "Human:" stay plain.
-    """
-    stripped = text.lstrip()
-    return stripped.startswith("Human:") and (HUMAN_MARKER in text or ASSISTANT_MARKER in stripped)
 
 
 # --------------------------------------------------------------------------- public loaders
@@ -174,7 +92,7 @@ def load_prompts(
         UserError: the source is missing or malformed, or holds no prompts.
     """
     _check_limit(limit)
-    name, rows = _open_source(spec, Path(base_dir), builtin)
+    name, rows = open_source(spec, Path(base_dir), builtin)
     items: dict[str, PromptItem] = {}
     excluded = 0
     for where, row in rows:
@@ -222,7 +140,7 @@ def load_preference_pairs(
         UserError: the source is missing or malformed, or holds no pairs.
     """
     _check_limit(limit)
-    name, rows = _open_source(spec, Path(base_dir), builtin)
+    name, rows = open_source(spec, Path(base_dir), builtin)
     pairs: dict[str, dict[str, Any]] = {}
     skipped = empty = 0
     for where, row in rows:
@@ -276,7 +194,7 @@ def _prompt_from_row(row: Row, where: str, field: str | None = None) -> tuple[st
         return _first_turn(row[field], where), ()
     value = _require_text(row[field], field, where)
     history = _explicit_history(row, where)
-    if field == "chosen" or (field == "prompt" and _looks_like_transcript(value)):
+    if field == "chosen" or (field == "prompt" and looks_like_transcript(value)):
         prompt, earlier = _transcript_prompt(value, field, where)
         return prompt, history + earlier
     if field == "instruction":
@@ -348,161 +266,4 @@ def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
         prompt, history = _prompt_from_row({"prompt": row["prompt"], "history": row.get("history")}, where)
         chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
         return {"prompt": prompt, "history": history, "chosen": chosen, "rejected": rejected}
-    try:
-        chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
-        last = _last_human(chosen)
-    except ValueError as error:
-        raise UserError(f"{where}: {error}") from None
-    context = chosen[: last + 1]
-    if rejected[: last + 1] != context:
-        return None
-    if not context[-1][1]:
-        raise UserError(f"{where}: field 'chosen': the last Human turn is empty")
-    pair = {
-        "prompt": context[-1][1],
-        "history": tuple(context[:-1]),
-        "chosen": _reply(chosen[last + 1 :]),
-        "rejected": _reply(rejected[last + 1 :]),
-    }
-    return pair
-
-
-def _reply(turns: list[Turn]) -> str:
-    # A few HH rows end in two Assistant turns in a row; together they are the reply being judged.
-    return "\n\n".join(text for _, text in turns).strip()
-
-
-# --------------------------------------------------------------------------- containers
-
-
-def _open_source(spec: str, base_dir: Path, builtin: str | None) -> tuple[str, Iterator[tuple[str, Row]]]:
-    """Resolve a spec to (a name for messages, an iterator of ("name:LINE", row))."""
-    if spec == "builtin":
-        if builtin is None:
-            raise UserError("'builtin' is not available for this source: give a path or hf:<dataset id>")
-        name = f"constitutional/assets/{builtin}"
-        try:
-            data = resources.files("constitutional").joinpath("assets", builtin).read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"{name}: no such built-in prompt set") from None
-        return name, _rows_from_bytes(data, name, builtin)
-    if spec.startswith("hf:"):
-        return spec, _hf_rows(spec, base_dir)
-    path = Path(spec).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    return str(path), _file_rows(path)
-
-
-def _file_rows(path: Path) -> Iterator[tuple[str, Row]]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    _file_type(path)  # reject an unknown extension before reading anything
-    return _rows_from_lines(_decoded_lines(_file_lines(path), str(path)), str(path), path.name)
-
-
-def _file_lines(path: Path) -> Iterator[bytes]:
-    """The file's lines (without their newline), read one at a time: a file of any size is never held whole."""
-    if not path.name.lower().endswith(".gz"):
-        with path.open("rb") as handle:
-            yield from (line.removesuffix(b"\n") for line in handle)
-        return
-    try:
-        with gzip.open(path, "rb") as handle:
-            for line in handle:
-                yield line.removesuffix(b"\n")
-    except (OSError, EOFError, zlib.error) as error:  # gzip's own errors, raised as it decompresses
-        raise UserError(f"{path}: not a valid gzip file ({error})") from None
-
-
-def _file_type(path: Path | str) -> str:
-    name = Path(path).name.lower().removesuffix(".gz")
-    for suffix in FILE_TYPES:
-        if name.endswith(suffix):
-            return suffix
-    expected = ", ".join(FILE_TYPES)
-    raise UserError(f"{path}: unknown file type (expected {expected}, optionally gzipped as .gz)")
-
-
-def _rows_from_bytes(data: bytes, name: str, filename: str) -> Iterator[tuple[str, Row]]:
-    return _rows_from_lines(_decoded_lines(data.split(b"\n"), name), name, filename)
-
-
-def _rows_from_lines(lines: Iterable[tuple[int, str]], name: str, filename: str) -> Iterator[tuple[str, Row]]:
-    """Rows of a file's numbered lines; JSONL, CSV and text stream, a .json list is parsed whole."""
-    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".txt": _txt_rows}
-    return readers[_file_type(filename)](lines, name)
-
-
-def _decoded_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line, decoded one at a time so a bad byte is reported by line."""
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            byte = error.object[error.start]
-            raise UserError(
-                f"{name}:{number}: not valid UTF-8 (byte {byte:#04x} at column {error.start + 1})"
-            ) from None
-        yield number, line.removeprefix("\ufeff") if number == 1 else line
-
-
-def _jsonl_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Row]]:
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{name}:{number}: invalid JSON: {error.msg} (column {error.colno})") from None
-        yield f"{name}:{number}", row
-
-
-def _json_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Row]]:
-    text = "\n".join(line for _, line in lines)
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{name}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
-    if not isinstance(rows, list):
-        raise UserError(f"{name}: expected a JSON list of rows, got {type(rows).__name__}")
-    # A parsed list has no line numbers; name the item (1-based) instead.
-    for index, row in enumerate(rows, start=1):
-        yield f"{name}: item {index}", row
-
-
-def _csv_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Row]]:
-    # Fed line by line: the reader pulls the next line itself for a quoted field that spans lines.
-    reader = csv.DictReader(line + "\n" for _, line in lines)
-    try:
-        for row in reader:
-            # line_num is the reader's physical line: right even for quoted multi-line fields.
-            yield f"{name}:{reader.line_num}", {key: value for key, value in row.items() if key is not None}
-    except csv.Error as error:
-        raise UserError(f"{name}:{reader.line_num}: invalid CSV: {error}") from None
-
-
-def _txt_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Row]]:
-    for number, line in lines:
-        if line.strip():
-            yield f"{name}:{number}", line.strip()
-
-
-def _hf_rows(spec: str, base_dir: Path) -> Iterator[tuple[str, Row]]:
-    """Rows of `hf:<dataset id>[:<split>]`; a local folder (relative to base_dir) works as the id."""
-    dataset_id, _, split = spec.removeprefix("hf:").partition(":")
-    if not dataset_id:
-        raise UserError(f"{spec}: expected hf:<dataset id> or hf:<dataset id>:<split>")
-    local = Path(dataset_id).expanduser()
-    local = local if local.is_absolute() else base_dir / local
-    source = str(local) if local.exists() else dataset_id
-    import datasets  # lazy: only hf: sources need it, and it is slow to import
-
-    try:
-        dataset = datasets.load_dataset(source, split=split or "train")
-    # What loading can meet that is the input's fault or the network's: the library's own errors,
-    # files or hub entries missing, unreachable or refused (OSError: the hub's HTTP errors are
-    # OSErrors), an unknown split or a column that does not cast (ValueError). Anything else is a bug.
-    except (datasets.exceptions.DatasetsError, OSError, ValueError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise UserError(f"{spec}: could not load dataset: {message}") from None
-    return ((f"{spec} row {index}", row) for index, row in enumerate(dataset, start=1))
+    return split_comparison(row["chosen"], row["rejected"], where)
