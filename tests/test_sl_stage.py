@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
+from constitutional.lm_head import loss_positions_only
 from constitutional.models import load_causal_lm, load_tokenizer
 from constitutional.records import append_records
 from constitutional.rundir import RunDir
 from constitutional.stages import sl
-from constitutional.training import loss_positions_only
 
 from conftest import tiny_config_data
 

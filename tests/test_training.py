@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 from constitutional import training
 from constitutional.errors import UserError
-from constitutional.training import SUMMARY, TrainingSettings, loss_positions_only, trainer_arguments
+from constitutional.lm_head import loss_positions_only
+from constitutional.training import SUMMARY, TrainingSettings, trainer_arguments
 
 # Prompts of different lengths, so the batch is padded; the prompt tokens carry no loss.
 PROMPTS = [
@@ -111,7 +112,7 @@ def loss_and_grads(trainer, batch):
 
 
 def assert_warned_off(caplog, why):
-    warnings = [r for r in caplog.records if r.name == "constitutional.training" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "constitutional.lm_head" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "is off" in warnings[0].getMessage() and why in warnings[0].getMessage()
 

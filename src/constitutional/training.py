@@ -4,7 +4,9 @@ Stages `sl` (TRL's `SFTTrainer`), `pm` (a `RewardTrainer` subclass, a sequence c
 (PPO) train differently but alike in how: the config section `training` (`TrainingSettings`) says
 where and in what precision, `trainer_arguments` turns it into keyword arguments for any
 `TrainingArguments` subclass, an interrupted run resumes from `last_complete_checkpoint`, and the
-result is written by `save_model_atomic`, so a model directory is either absent or whole.
+result is written by `save_model_atomic`, so a model directory is either absent or whole. `sl` and
+`pm` also share their optimisation keys (`TrainerOptions`, the base of both sections) and the rest
+of their Trainer arguments (`TrainerOptions.trainer_kwargs`).
 
 torch, transformers and trl are imported inside the functions: importing this module stays cheap
 (config validation and `--help` need it, not the weights).
@@ -12,15 +14,14 @@ torch, transformers and trl are imported inside the functions: importing this mo
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,20 +44,27 @@ _TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("
 # --- settings ---------------------------------------------------------------------------------
 
 
+_RUNTIME = {"runtime": True}
+
+
 @dataclass
 class TrainingSettings:
     """Config section `training`: how sl, pm and rl train (not what they learn)."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps   (auto: cuda when available, else cpu)
+    # Where and how it trains, not what it learns: like `sections.runtime(...)` fields (defined there,
+    # which imports this module), they are left out of stage settings, so changing them never makes a
+    # stage stale. `precision` does change the numbers; stages that train declare it in CONFIG_KEYS.
+    device: str = field(default="auto", metadata=_RUNTIME)  # auto | cpu | cuda | cuda:N | mps (auto: cuda if any)
     # auto: bf16 on CUDA with bf16 support, else fp32. bf16/fp16 are mixed precision: the weights
     # stay as loaded (fp32), the forward runs under autocast.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    report_to: str = "none"  # none | tensorboard | wandb (the package must be installed)
+    report_to: str = field(default="none", metadata=_RUNTIME)  # none | tensorboard | wandb (package installed)
     # Recompute activations in the backward pass instead of keeping them: about 20-30% more compute
     # for far less activation memory. Off by default: the embedded model fits without it; a 7B model
     # on one GPU needs it.
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=_RUNTIME)
+    # Recorded per stage in the manifest when on (`trust_remote_code`), as a warning, not a setting.
+    trust_remote_code: bool = field(default=False, metadata=_RUNTIME)
 
     def validate(self) -> None:
         """Check the values without importing torch; a tracker's package must be installed.
@@ -203,64 +211,71 @@ def _mixed_precision(precision: str, device: str, use_cpu: bool) -> tuple[bool, 
     return precision == "bf16", precision == "fp16"
 
 
-# --- the LM head ------------------------------------------------------------------------------
+@dataclass
+class TrainerOptions:
+    """The optimisation keys of a section trained with a transformers Trainer: the base of `sl` and `pm`.
 
-
-@contextlib.contextmanager
-def loss_positions_only() -> Iterator[bool]:
-    """Project to the vocabulary only at positions that carry a loss, on CPU as on CUDA.
-
-    TRL's trainers with a language-model loss (SFTTrainer among them) replace the model's forward
-    with a fused LM head (`trl.trainer.utils.add_fused_lm_head`): the per-token log-probabilities
-    come from vocabulary tiles, never the (batch, seq_len, vocab) logits. In that forward,
-    `compact = _use_triton(hidden_states.device)` decides which rows go through the head: when
-    true only the labelled ones (`hidden_states[mask]`, (n_labelled, hidden)), otherwise every
-    position ((batch * (seq_len - 1), hidden)), the ignored ones zeroed afterwards. `_use_triton` is
-    true only on CUDA/XPU with Triton; elsewhere TRL keeps the tile shapes fixed for compilers such
-    as Neuron's, which would recompile for every new count of labelled positions. On CPU that spends
-    the most expensive layer on prompt tokens whose result is thrown away: the embedded model's
-    262k-token output layer is about 60% of its compute per token. The log-probabilities of the
-    labelled positions, and so the loss and its gradients, are the same either way.
-
-    This patches the name `_use_triton` in `trl.trainer.utils`, which only that decision reads:
-    the kernels keep their own binding, so on CPU the tiles are still folded in torch, not Triton.
-
-    Yields:
-        True when the optimisation is active. False when TRL's internals changed (the function is
-        gone or the fused forward no longer calls it): nothing is patched, training is unchanged
-        and correct, only slower on CPU, and a warning says so.
+    `config.yaml` lists a section's keys in field order: the bases' fields (right to left), then the
+    class's own. So a section's leading keys sit in a base listed after this one (`class
+    Settings(TrainerOptions, _Leading)`); save_steps, logging_steps and lora stay in each stage, as
+    sl and pm list them at different places.
     """
-    import trl.trainer.utils as trl_utils
 
-    original = getattr(trl_utils, "_use_triton", None)
-    reason = _patch_unusable(trl_utils, original)
-    if reason:
-        log.warning("Scoring only the labelled positions on CPU is off: %s. Training is correct, but slower.", reason)
-        yield False
-        return
-    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield True
-    finally:
-        trl_utils._use_triton = original
+    epochs: float = 1.0  # the paper: 1 epoch
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"  # the paper: constant learning rate
+    warmup_steps: int = 0
+    batch_size: int = 4  # per device and step: sl examples, pm comparisons (two transcripts each)
+    gradient_accumulation_steps: int = 1
+    # Tokens per example: sl truncates a longer one (prompt + response), pm leaves it out of training.
+    max_length: int = 512
 
+    def validate_training(self, prefix: str, positive: Sequence[str] = ()) -> None:
+        """Check these keys, then the stage's own `positive` ones, naming them under `prefix` ("sl").
 
-def _patch_unusable(trl_utils: Any, original: Any) -> str | None:
-    """Why patching `trl_utils._use_triton` would not reach the fused LM head (None: it would)."""
-    if not callable(original):
-        return "trl.trainer.utils._use_triton is missing (TRL internals changed)"
-    fused = getattr(trl_utils, "add_fused_lm_head", None)
-    if fused is None or not _code_reads(getattr(fused, "__code__", None), "_use_triton"):
-        return "TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) no longer calls _use_triton"
-    return None
+        Raises:
+            UserError: e.g. "sl.learning_rate: expected a positive number, got 0".
+        """
+        for key in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", *positive):
+            require_positive(f"{prefix}.{key}", getattr(self, key))
+        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps: expected 0 or more, got {self.warmup_steps}")
+        check_scheduler(f"{prefix}.lr_scheduler", self.lr_scheduler)
 
+    def trainer_kwargs(
+        self, training: TrainingSettings, seed: int, output_dir: Path, save_steps: int, logging_steps: int
+    ) -> dict[str, Any]:
+        """Keyword arguments `SFTConfig` and `RewardConfig` share: these keys, seeds, checkpoints, logging, device.
 
-def _code_reads(code: Any, name: str) -> bool:
-    """Whether `code` or a function nested in it reads the global `name`."""
-    if code is None:
-        return False
-    nested = (const for const in code.co_consts if hasattr(const, "co_names"))
-    return name in code.co_names or any(_code_reads(const, name) for const in nested)
+        Args:
+            training: the `training` section.
+            seed: the run seed (also the data order's).
+            output_dir: where checkpoints go.
+            save_steps: checkpoint every N optimizer steps (the last two are kept).
+            logging_steps: log every N optimizer steps.
+        """
+        return {
+            "output_dir": str(output_dir),
+            "num_train_epochs": self.epochs,
+            "per_device_train_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler_type": self.lr_scheduler,
+            "warmup_steps": self.warmup_steps,
+            "max_length": self.max_length,
+            "seed": seed,
+            "data_seed": seed,
+            "save_strategy": "steps",
+            "save_steps": save_steps,
+            "save_total_limit": 2,
+            "logging_strategy": "steps",
+            "logging_steps": logging_steps,
+            "include_num_input_tokens_seen": "non_padding",  # for tokens/s
+            "disable_tqdm": False,
+            "push_to_hub": False,
+            "eval_strategy": "no",
+            # device, precision (SFTConfig would default to bf16), gradient checkpointing, trackers
+            **trainer_arguments(training),
+        }
 
 
 # --- checkpoints ------------------------------------------------------------------------------

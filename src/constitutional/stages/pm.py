@@ -11,9 +11,10 @@ preference model on the soft labels, and evaluate it.
 2. **Training.** A one-output sequence classifier (a score head on `pm.init`: the pretrained model
    by default, as in the paper, or SL-CAI) scores each whole transcript; the loss is Bradley-Terry
    on the soft labels (`preference.soft_bradley_terry_loss`). TRL's `RewardTrainer` does the rest
-   (tokenising, padding, checkpoints); the subclass below only adds the label column and the loss.
-   A classifier has no vocabulary head, so the embedded model's 262k-token output layer is never
-   computed. Checkpoints go to `checkpoints/pm/`; the model is saved atomically to `models/pm/`.
+   (tokenising, padding, checkpoints); its subclass in `preference_trainer.py` only adds the label
+   column and the loss. A classifier has no vocabulary head, so the embedded model's 262k-token
+   output layer is never computed. Checkpoints go to `checkpoints/pm/`; the model is saved
+   atomically to `models/pm/`.
 3. **Evaluation.** Accuracy on the held-out rows of each source (and on a human harmlessness file
    if `pm.harmlessness_eval` names one) beside chance and a length-only baseline; calibration
    (expected calibration error and a reliability diagram). `eval/pm.json`, `eval/pm_calibration.png`.
@@ -24,9 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +36,12 @@ from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions, label_comparisons, sample_pairs
 from constitutional.constitution import Constitution, load_constitution
 from constitutional.distributed import is_main_process, main_process_first
-from constitutional.errors import UserError, require, require_positive
+from constitutional.errors import UserError, require
 from constitutional.models import ModelRef, fingerprint, load_sequence_classifier, load_tokenizer, resolve_model_name
-from constitutional.preference import PreferenceModel, pm_transcript, soft_bradley_terry_loss
+from constitutional.preference import PreferenceModel, pm_transcript
+from constitutional.preference_data import ai_row, count_by_source, human_row, mix, split_by_conversation
+from constitutional.preference_eval import held_out_figures, plot_calibration
+from constitutional.preference_trainer import soft_label_trainer_class
 from constitutional.prompts import STOP_STRINGS
 from constitutional.records import (
     conversation,
@@ -52,21 +53,19 @@ from constitutional.records import (
 )
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, ModelSpec, runtime
-from constitutional.seeding import rng_for
 from constitutional.sources import load_preference_pairs
 from constitutional.training import (
     SUMMARY,
     LoraSettings,
+    TrainerOptions,
     TrainingSettings,
     check_launch,
-    check_scheduler,
     checkpoint_step,
     is_complete_model,
     last_complete_checkpoint,
     remove_checkpoints,
     save_trained_model,
     tokens_seen,
-    trainer_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -82,12 +81,11 @@ CONFIG_KEYS = (
     "models.feedback.name",
 )
 BUILTIN_PREFERENCES = "helpful_comparisons.jsonl"  # written for the project, see its data card
-SOURCES = ("ai_harmlessness", "human_helpfulness", "ai_helpfulness")
 
 
 @dataclass
-class Settings:
-    """Config section `pm` (paper steps 7-8): the mix, the preference model's training and its evaluation."""
+class _Leading:
+    """The keys of section `pm` that come before the Trainer options (fields keep their order in config.yaml)."""
 
     init: str = "base"  # the model the PM starts from: base (models.base, the paper), sl-cai, or a model name
     helpful_fraction: float | None = None  # share of helpfulness rows in the training mix (None: all of both)
@@ -95,13 +93,16 @@ class Settings:
     eval_fraction: float = 0.1  # share of conversations held out per source
     harmlessness_eval: str | None = None  # an HH-RLHF harmless-format file: accuracy against human labels
     max_eval: int | None = 500  # at most N comparisons read from harmlessness_eval
-    epochs: float = 1.0
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 4  # comparisons per step (each is two transcripts)
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512  # tokens per transcript; longer comparisons are left out of training
+
+
+@dataclass
+class Settings(TrainerOptions, _Leading):
+    """Config section `pm` (paper steps 7-8): the mix, the preference model's training and its evaluation.
+
+    epochs ... max_length: `TrainerOptions` (batch_size counts comparisons per step, each two
+    transcripts; max_length tokens per transcript, longer comparisons are left out of training).
+    """
+
     calibration_bins: int = 10
     helpfulness_max_new_tokens: int = 128  # answer length for AI helpfulness pairs (human_preferences: none)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -118,13 +119,9 @@ class Settings:
         require(
             0 < self.eval_fraction <= 0.5, f"pm.eval_fraction: expected a number in (0, 0.5], got {self.eval_fraction}"
         )
-        for key in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length",
-                    "calibration_bins", "helpfulness_max_new_tokens", "save_steps", "logging_steps",
-                    "score_batch_size", "chunk_size", "max_human", "max_eval"):  # fmt: skip
-            require_positive(f"pm.{key}", getattr(self, key))
-        require(self.warmup_steps >= 0, f"pm.warmup_steps: expected 0 or more, got {self.warmup_steps}")
+        self.validate_training("pm", positive=("calibration_bins", "helpfulness_max_new_tokens", "save_steps",
+                               "logging_steps", "score_batch_size", "chunk_size", "max_human", "max_eval"))  # fmt: skip
         require(bool(self.init.strip()), "pm.init: expected base, sl-cai or a model name")
-        check_scheduler("pm.lr_scheduler", self.lr_scheduler)
         self.lora.check("pm.lora")
 
 
@@ -219,13 +216,13 @@ def write_mix(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: I
         Row counts: train/eval rows per source, identical pairs skipped.
     """
     train_path, eval_path = run_dir.path("pm_train"), run_dir.path("pm_eval")
-    ai = [_ai_row(label, "ai_harmlessness") for label in read_ai_labels(run_dir.path("ai_labels"))]
+    ai = [ai_row(label, "ai_harmlessness") for label in read_ai_labels(run_dir.path("ai_labels"))]
     if config.data.human_preferences == "none":
         helpful = [
-            _ai_row(label, "ai_helpfulness") for label in ai_helpfulness_labels(config, settings, run_dir, inputs)
+            ai_row(label, "ai_helpfulness") for label in ai_helpfulness_labels(config, settings, run_dir, inputs)
         ]
     else:
-        helpful = [_human_row(pair, config.seed) for pair in inputs.human]
+        helpful = [human_row(pair, config.seed) for pair in inputs.human]
     rows = [row for row in ai + helpful if row["response_a"].strip() != row["response_b"].strip()]
     skipped = len(ai) + len(helpful) - len(rows)
     if skipped:
@@ -236,86 +233,9 @@ def write_mix(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: I
         write_records_atomic(train_path, train_rows)
         write_records_atomic(eval_path, eval_rows)
     return {
-        "train": _count_by_source(read_records(train_path)),
-        "eval": _count_by_source(read_records(eval_path)),
+        "train": count_by_source(read_records(train_path)),
+        "eval": count_by_source(read_records(eval_path)),
         "skipped_identical": skipped,
-    }
-
-
-def _ai_row(label: dict[str, Any], source: str) -> dict[str, Any]:
-    row = {"id": label["id"], "source": source, "prompt": label["prompt"]}
-    if label.get("history"):
-        row["history"] = label["history"]
-    row.update(response_a=label["response_a"], response_b=label["response_b"], p_a=float(label["p_a"]))
-    return row
-
-
-def _human_row(pair: dict[str, Any], seed: int) -> dict[str, Any]:
-    """A human comparison with the chosen answer at A or B at random (seeded by its id): p_a is 1 or 0."""
-    chosen_first = rng_for(seed, "pm-order:" + pair["id"]).random() < 0.5
-    first, second = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
-    row = {"id": pair["id"], "source": "human_helpfulness", "prompt": pair["prompt"]}
-    if pair["history"]:
-        row["history"] = [{"role": role, "text": text} for role, text in pair["history"]]
-    row.update(response_a=first, response_b=second, p_a=1.0 if chosen_first else 0.0)
-    return row
-
-
-def split_by_conversation(
-    rows: list[dict[str, Any]], eval_fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Hold out ceil(eval_fraction x conversations) conversations of each source, chosen by a seeded hash.
-
-    All comparisons of one conversation land in the same split, so the held-out accuracy measures
-    conversations the PM never saw.
-
-    Raises:
-        UserError: a source with fewer than two conversations (one split would be empty).
-    """
-    held_out: set[tuple[str, str]] = set()
-    for source in SOURCES:
-        keys = sorted({_conversation_key(row) for row in rows if row["source"] == source})
-        if not keys:
-            continue
-        if len(keys) < 2:
-            raise UserError(
-                f"pm: only {len(keys)} {source} conversation(s): a held-out split and a training split need at "
-                "least two (add prompts or comparisons)"
-            )
-        keys.sort(key=lambda key: rng_for(seed, "pm-split:" + key).random())
-        wanted = min(len(keys) - 1, max(1, math.ceil(eval_fraction * len(keys))))
-        held_out.update((source, key) for key in keys[:wanted])
-    train = [row for row in rows if (row["source"], _conversation_key(row)) not in held_out]
-    evaluation = [row for row in rows if (row["source"], _conversation_key(row)) in held_out]
-    return train, evaluation
-
-
-def _conversation_key(row: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(conversation(row), ensure_ascii=False).encode()).hexdigest()
-
-
-def mix(rows: list[dict[str, Any]], helpful_fraction: float | None, seed: int) -> list[dict[str, Any]]:
-    """Subsample helpfulness rows so they are `helpful_fraction` of the mix (None: keep all), then shuffle.
-
-    With h harmlessness rows, k helpfulness rows make a share k / (h + k) = f when k = f h / (1 - f).
-    """
-    rng = random.Random(seed)
-    harmless = [row for row in rows if row["source"] == "ai_harmlessness"]
-    helpful = [row for row in rows if row["source"] != "ai_harmlessness"]
-    if helpful_fraction is not None:
-        helpful = rng.sample(
-            helpful, min(len(helpful), round(helpful_fraction * len(harmless) / (1 - helpful_fraction)))
-        )
-    mixed = harmless + helpful
-    rng.shuffle(mixed)
-    return mixed
-
-
-def _count_by_source(rows: list[dict[str, Any]]) -> dict[str, int]:
-    return {
-        source: sum(row["source"] == source for row in rows)
-        for source in SOURCES
-        if any(row["source"] == source for row in rows)
     }
 
 
@@ -438,77 +358,13 @@ def build_trainer(
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_steps,
-        max_length=settings.max_length,
-        seed=seed,
-        data_seed=seed,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=settings.logging_steps,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False,
-        push_to_hub=False,
-        eval_strategy="no",
-        **trainer_arguments(training),
+        **settings.trainer_kwargs(training, seed, output_dir, settings.save_steps, settings.logging_steps)
     )
     trainer_class = soft_label_trainer_class() if soft_labels else RewardTrainer
     return trainer_class(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=settings.lora.peft_config("SEQ_CLS"), callbacks=list(callbacks),
     )  # fmt: skip
-
-
-def soft_label_trainer_class() -> type:
-    """TRL's `RewardTrainer` taught soft labels: it keeps the `p_a` column and uses the soft loss.
-
-    TRL 1.16's trainer knows hard labels only (with an optional margin) and drops every column
-    outside its hard-coded signature; three small overrides keep the rest of it (tokenising,
-    padding, checkpoints, logging) as it is.
-    """
-    import torch
-    from trl import RewardTrainer
-    from trl.trainer.reward_trainer import DataCollatorForPreference
-
-    class SoftLabelCollator(DataCollatorForPreference):
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            batch = super().torch_call(examples)
-            batch["p_a"] = torch.tensor([example["p_a"] for example in examples], dtype=torch.float)  # [batch]
-            return batch
-
-    class SoftLabelRewardTrainer(RewardTrainer):
-        def __init__(self, *args: Any, processing_class: Any, **kwargs: Any):
-            collator = SoftLabelCollator(pad_token_id=processing_class.pad_token_id)
-            super().__init__(*args, processing_class=processing_class, data_collator=collator, **kwargs)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            if self._signature_columns is None:
-                self._signature_columns = ["chosen_ids", "rejected_ids", "p_a"]
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            mode = "train" if self.model.training else "eval"
-            p_a = inputs.pop("p_a")  # [batch]
-            outputs = model(**inputs, use_cache=False)
-            # The collator stacks the A transcripts, then the B ones: [2 * batch, 1] -> two [batch].
-            rewards_a, rewards_b = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            loss = soft_bradley_terry_loss(rewards_a, rewards_b, p_a)
-            with torch.no_grad():
-                agree = ((rewards_a > rewards_b) == (p_a > 0.5)).float()[p_a != 0.5]
-                if len(agree):
-                    self._metrics[mode]["accuracy"].append(agree.mean().item())
-                self._metrics[mode]["margin"].append((rewards_a - rewards_b).abs().mean().item())
-            return (loss, outputs) if return_outputs else loss
-
-    return SoftLabelRewardTrainer
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -527,22 +383,13 @@ def evaluate(settings: Settings, run_dir: RunDir, harmlessness: list[dict[str, A
         groups.setdefault(row["source"], []).append(row)
     if harmlessness:
         groups["human_harmlessness"] = [
-            {**_human_row(pair, seed), "source": "human_harmlessness"} for pair in harmlessness
+            {**human_row(pair, seed), "source": "human_harmlessness"} for pair in harmlessness
         ]
     report: dict[str, Any] = {"accuracy": {}, "calibration": {}}
     points: dict[str, tuple[list[float], list[float]]] = {}
     for source, rows in groups.items():
-        margins = score_margins(pm, rows)
-        labels = [float(row["p_a"]) for row in rows]
-        report["accuracy"][source] = {
-            "comparisons": len(rows),
-            "pm": round(agreement([1 / (1 + math.exp(-m)) for m in margins], labels), 4),
-            "length_baseline": round(agreement([_longer_first(row) for row in rows], labels), 4),
-            "chance": 0.5,
-        }
-        predicted = [1 / (1 + math.exp(-margin)) for margin in margins]
-        report["calibration"][source] = calibration(predicted, labels, settings.calibration_bins)
-        points[source] = (predicted, labels)
+        accuracy, calibrated, points[source] = held_out_figures(pm, rows, settings.calibration_bins)
+        report["accuracy"][source], report["calibration"][source] = accuracy, calibrated
         log.info(
             "pm: held-out %s: accuracy %.3f (length baseline %.3f, chance 0.5) on %d comparisons, ECE %.3f",
             source, report["accuracy"][source]["pm"], report["accuracy"][source]["length_baseline"], len(rows),
@@ -551,78 +398,3 @@ def evaluate(settings: Settings, run_dir: RunDir, harmlessness: list[dict[str, A
     write_json_atomic(run_dir.path("pm_report"), report)
     plot_calibration(points, settings.calibration_bins, run_dir.path("pm_calibration"))
     return report
-
-
-def score_margins(pm: PreferenceModel, rows: list[dict[str, Any]]) -> list[float]:
-    """r_A - r_B for each comparison (one batched scoring call for all 2N transcripts)."""
-    conversations = [conversation(row) for row in rows]
-    scores = pm.score(conversations * 2, [row["response_a"] for row in rows] + [row["response_b"] for row in rows])
-    return [scores[index] - scores[index + len(rows)] for index in range(len(rows))]
-
-
-def agreement(predicted: Sequence[float], labels: Sequence[float]) -> float:
-    """Share of comparisons where the prediction picks the labelled winner; ties count half.
-
-    Both are probabilities that A is better; comparisons labelled exactly 0.5 have no winner and
-    are left out.
-    """
-    scored = [(p, label) for p, label in zip(predicted, labels) if label != 0.5]
-    if not scored:
-        return float("nan")
-    return sum(0.5 if p == 0.5 else float((p > 0.5) == (label > 0.5)) for p, label in scored) / len(scored)
-
-
-def _longer_first(row: dict[str, Any]) -> float:
-    """The length-only baseline: the longer answer wins (1.0 if A is longer, 0.0 if B, 0.5 if equal)."""
-    a, b = len(row["response_a"].strip()), len(row["response_b"].strip())
-    return 1.0 if a > b else 0.0 if b > a else 0.5
-
-
-def calibration(predicted: Sequence[float], labels: Sequence[float], bins: int) -> dict[str, Any]:
-    """Expected calibration error and the reliability table of P(A better) against the labels.
-
-    Predictions are binned on [0, 1]; in each bin the mean prediction is compared with the mean
-    label (the observed frequency for 0/1 labels). ECE = sum_b (n_b / N) |mean label_b - mean prediction_b|.
-    """
-    table = []
-    error = 0.0
-    for b in range(bins):
-        members = [
-            (p, y) for p, y in zip(predicted, labels) if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1.0)
-        ]
-        if not members:
-            continue
-        confidence = sum(p for p, _ in members) / len(members)
-        frequency = sum(y for _, y in members) / len(members)
-        error += len(members) / len(predicted) * abs(frequency - confidence)
-        table.append({"bin": [b / bins, (b + 1) / bins], "count": len(members), "mean_predicted": round(confidence, 4),
-                      "mean_label": round(frequency, 4)})  # fmt: skip
-    return {"ece": round(error, 4), "bins": table}
-
-
-def plot_calibration(points: dict[str, tuple[list[float], list[float]]], bins: int, path: Path) -> None:
-    """A reliability diagram, one line per source (as in the paper's PM calibration figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 5))
-    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    for source, (predicted, labels) in points.items():
-        table = calibration(predicted, labels, bins)["bins"]
-        axis.plot(
-            [row["mean_predicted"] for row in table], [row["mean_label"] for row in table], marker="o",
-            label=f"{source} (n={len(predicted)})",
-        )  # fmt: skip
-    axis.set_xlabel("PM probability that A is better")
-    axis.set_ylabel("label: frequency (or mean probability) that A is better")
-    axis.set_title("Preference model calibration (held out)")
-    axis.set_xlim(0, 1)
-    axis.set_ylim(0, 1)
-    axis.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)

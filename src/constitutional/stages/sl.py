@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constitutional.errors import UserError, require, require_positive
+from constitutional.errors import UserError, require
+from constitutional.lm_head import loss_positions_only
 from constitutional.models import ModelRef, fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
 from constitutional.prompts import render_plain
 from constitutional.records import conversation, read_critiques
@@ -33,17 +34,15 @@ from constitutional.sections import CoreConfig, runtime
 from constitutional.training import (
     SUMMARY,
     LoraSettings,
+    TrainerOptions,
     TrainingSettings,
     check_launch,
-    check_scheduler,
     checkpoint_step,
     is_complete_model,
     last_complete_checkpoint,
-    loss_positions_only,
     remove_checkpoints,
     save_trained_model,
     tokens_seen,
-    trainer_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -53,17 +52,20 @@ CONFIG_KEYS = ("seed", "models.base.name", "training.precision")
 
 
 @dataclass
-class Settings:
-    """Config section `sl` (paper step 4): supervised fine-tuning of the pretrained model -> SL-CAI."""
+class _Leading:
+    """The key of section `sl` that comes before the Trainer options (fields keep their order in config.yaml)."""
 
     helpful_fraction: float | None = None  # share of helpfulness examples in the mix (None: all there are)
-    epochs: float = 1.0  # the paper: 1 epoch
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "constant"  # the paper: constant learning rate
-    warmup_steps: int = 0
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512  # tokens per example (prompt + response), longer ones are truncated
+
+
+@dataclass
+class Settings(TrainerOptions, _Leading):
+    """Config section `sl` (paper step 4): supervised fine-tuning of the pretrained model -> SL-CAI.
+
+    epochs ... max_length: `TrainerOptions` (the paper: 1 epoch at a constant learning rate;
+    max_length counts prompt + response tokens, a longer example is truncated).
+    """
+
     save_steps: int = runtime(50)  # checkpoint every N optimizer steps; an interrupted run resumes from the last
     logging_steps: int = runtime(5)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -73,18 +75,7 @@ class Settings:
             self.helpful_fraction is None or 0 <= self.helpful_fraction < 1,
             f"sl.helpful_fraction: expected a number in [0, 1) or nothing, got {self.helpful_fraction}",
         )
-        for key in (
-            "epochs",
-            "learning_rate",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "max_length",
-            "save_steps",
-            "logging_steps",
-        ):
-            require_positive(f"sl.{key}", getattr(self, key))
-        require(self.warmup_steps >= 0, f"sl.warmup_steps: expected 0 or more, got {self.warmup_steps}")
-        check_scheduler("sl.lr_scheduler", self.lr_scheduler)
+        self.validate_training("sl", positive=("save_steps", "logging_steps"))
         self.lora.check("sl.lora")
 
 
@@ -309,30 +300,11 @@ def build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_steps,
-        max_length=settings.max_length,
         completion_only_loss=True,
         packing=False,  # one example per row: the paper's setup, and no cross-example attention
         shuffle_dataset=False,  # the examples are shuffled with the seed already; the sampler reshuffles
-        seed=seed,
-        data_seed=seed,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_strategy="steps",
-        logging_steps=settings.logging_steps,
-        include_num_input_tokens_seen="non_padding",  # for tokens/s
-        disable_tqdm=False,
-        push_to_hub=False,
-        eval_strategy="no",
-        # device, precision (SFTConfig would default to bf16), gradient checkpointing, trackers
-        **trainer_arguments(training),
+        # epochs, batch, learning rate, max_length, seeds, checkpoints, logging, device and precision
+        **settings.trainer_kwargs(training, seed, output_dir, settings.save_steps, settings.logging_steps),
     )
     return SFTTrainer(
         model=model,
