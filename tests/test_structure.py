@@ -1,4 +1,5 @@
-"""The shape of the code base: stages never import each other and `src/` has no import cycle.
+"""The shape of the code base: stages never import each other, `src/` has no import cycle, only the
+config and the pipeline import stages, and modules and functions stay short enough to read.
 
 Imports are read from the source with `ast`, wherever they stand (module level or inside a
 function), so a lazy import counts as much as any other.
@@ -72,3 +73,33 @@ def test_every_stage_follows_the_contract():
         for attribute in ("Settings", "CONFIG_KEYS", "reads", "check", "input_hashes", "run"):
             assert hasattr(module, attribute), f"stage {name} lacks {attribute}"
         assert callable(module.Settings().validate)
+
+
+# Only these assemble the stages: the config (one section per stage) and the pipeline (runs them).
+STAGE_ASSEMBLERS = {f"{PACKAGE}.config", f"{PACKAGE}.pipeline"}
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60  # the whole definition, docstring included: one screen
+
+
+def test_only_the_config_and_the_pipeline_import_stages():
+    """Library modules (the report among them) know stages only through `registry.py`."""
+    for module, imports in import_graph().items():
+        if module.startswith(f"{PACKAGE}.stages") or module in STAGE_ASSEMBLERS:
+            continue
+        stages = sorted(name for name in imports if name.startswith(f"{PACKAGE}.stages"))
+        assert not stages, f"{module} imports {stages}: read stage facts from constitutional.registry"
+
+
+def test_modules_and_functions_stay_short():
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(SRC)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: {too_long}"

@@ -68,18 +68,26 @@ def append_in_chunks(
         return 0
     backend = open_model()
     try:
-        with tqdm(total=sum(units(item) for item in todo), desc=desc, unit=unit) as bar:
-            reported = 0
-
-            def advance(count: int) -> None:
-                nonlocal reported
-                reported += count
-                bar.update(count)
-
-            for start in range(0, len(todo), chunk_size):
-                chunk, before = list(todo[start : start + chunk_size]), reported
-                append_records(output, process(backend, chunk, advance))
-                bar.update(sum(units(item) for item in chunk) - (reported - before))  # what `process` left unsaid
+        _make_chunks(output, todo, backend, process, chunk_size, desc, unit, units)
     finally:
         backend.close()
     return len(todo)
+
+
+def _make_chunks(
+    output: Path, todo: list[Item], backend: Backend, process: Callable[..., list[dict[str, Any]]], chunk_size: int,
+    desc: str, unit: str, units: Callable[[Item], int],
+) -> None:  # fmt: skip
+    """Process `todo` chunk by chunk, appending (and fsyncing) each chunk's records before the next."""
+    with tqdm(total=sum(units(item) for item in todo), desc=desc, unit=unit) as bar:
+        reported = 0
+
+        def advance(count: int) -> None:
+            nonlocal reported
+            reported += count
+            bar.update(count)
+
+        for start in range(0, len(todo), chunk_size):
+            chunk, before = list(todo[start : start + chunk_size]), reported
+            append_records(output, process(backend, chunk, advance))
+            bar.update(sum(units(item) for item in chunk) - (reported - before))  # what `process` left unsaid

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from constitutional import __version__
 from constitutional.errors import ServiceError, UserError
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"constitutional {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(commands)
+    _add_tools(commands)
+    return parser
 
+
+def _add_run(commands: Any) -> None:
+    """`cai run`."""
     run = commands.add_parser(
         "run",
         help="run the pipeline's stages for a config",
@@ -87,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set critique.rounds=2 (repeatable)",
     )
 
+
+def _add_tools(commands: Any) -> None:
+    """`cai score`, `cai merge`, `cai report`, `cai prepare-model`."""
     score = commands.add_parser(
         "score",
         help="score (prompt, response) pairs with a run's preference model",
@@ -131,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a model (default: the embedded one) into the local cache ahead of a run",
     )
     prepare.add_argument("model", nargs="?", default="embedded", help="embedded, a .gguf file, a directory or a hub id")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,28 +75,7 @@ def merge_shards(target: RunDir, shards: list[RunDir], stage: str) -> dict[str, 
                 f"{run.root}: shard {entry['shard']} of {stage} ran with other settings or inputs than "
                 f"{entries[0][0].root}; rerun it with the same config and upstream outputs"
             )
-    merged: dict[str, list[dict[str, Any]]] = {}
-    for artefact in _record_artefacts(stage):
-        records, seen = [], {}
-        for index in sorted(by_index):
-            run, entry = by_index[index]
-            shard = Shard(index, len(by_index))
-            path = run.path(artefact)
-            rows = read_records(path) if path.exists() else []
-            expected = entry.get("records", {}).get(artefact)
-            if expected is not None and len(rows) != expected:
-                raise UserError(
-                    f"{path}: {len(rows)} records, but shard {shard} finished with {expected}: "
-                    "the file was changed or cut short"
-                )
-            for row in rows:
-                if not shard.holds(shard_key(row)):
-                    raise UserError(f"{path}: record {row['id']!r} belongs to another shard than {shard}")
-                if row["id"] in seen:
-                    raise UserError(f"{path}: record {row['id']!r} is also in {seen[row['id']]}")
-                seen[row["id"]] = str(path)
-                records.append(row)
-        merged[artefact] = records
+    merged = {artefact: _gathered_records(by_index, artefact) for artefact in _record_artefacts(stage)}
     shared = {artefact: _agreed_file(by_index, artefact, stage) for artefact in SHARED_FILES.get(stage, ())}
     if target.stage_status(stage) == "done":
         raise UserError(f"{target.root}: stage {stage} is already done there; merge into another run directory")
@@ -121,6 +100,35 @@ def merge_shards(target: RunDir, shards: list[RunDir], stage: str) -> dict[str, 
         error=None,
     )
     return counts
+
+
+def _gathered_records(by_index: dict[int, tuple[RunDir, dict]], artefact: str) -> list[dict[str, Any]]:
+    """One record file gathered from every shard, in shard order, after checking each record.
+
+    Raises:
+        UserError: a file whose length is not what its shard finished with, a record that belongs
+            to another shard, or a record id in two files.
+    """
+    records, seen = [], {}
+    for index in sorted(by_index):
+        run, entry = by_index[index]
+        shard = Shard(index, len(by_index))
+        path = run.path(artefact)
+        rows = read_records(path) if path.exists() else []
+        expected = entry.get("records", {}).get(artefact)
+        if expected is not None and len(rows) != expected:
+            raise UserError(
+                f"{path}: {len(rows)} records, but shard {shard} finished with {expected}: "
+                "the file was changed or cut short"
+            )
+        for row in rows:
+            if not shard.holds(shard_key(row)):
+                raise UserError(f"{path}: record {row['id']!r} belongs to another shard than {shard}")
+            if row["id"] in seen:
+                raise UserError(f"{path}: record {row['id']!r} is also in {seen[row['id']]}")
+            seen[row["id"]] = str(path)
+            records.append(row)
+    return records
 
 
 def _agreed_file(by_index: dict[int, tuple[RunDir, dict]], artefact: str, stage: str) -> list[dict[str, Any]]:
