@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from constitutional.errors import UserError
-
-# prompt_from_transcript is also imported from here (evaluation/judge.py): keep it importable.
 from constitutional.hh_rlhf import Turn, looks_like_transcript, prompt_from_transcript, split_comparison
 from constitutional.source_rows import Row, open_source
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from constitutional.errors import UserError
+from constitutional.hh_rlhf import prompt_from_transcript
 from constitutional.prompts import Turn
-from constitutional.sources import prompt_from_transcript
 
 HARM_OPTIONS = tuple(f" ({level})" for level in range(5))
 HARM_LEVELS = (
