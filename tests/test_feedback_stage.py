@@ -99,6 +99,7 @@ def test_without_debiasing_the_position_preference_is_the_label(prefers_b, const
     for record in records:
         assert record["p_a"] == pytest.approx(expected, rel=1e-4)
         assert [reading["order"] for reading in record["readings"]] == ["ab"]
+        assert "orders_agree" not in record  # one order: nothing to agree
 
 
 def test_debiasing_averages_both_orders(prefers_b, constitution):
@@ -108,6 +109,7 @@ def test_debiasing_averages_both_orders(prefers_b, constitution):
         # A pure position preference: B's slot wins in both orders, so each answer wins once.
         assert by_order["ab"] == pytest.approx(1 - by_order["ba"], abs=1e-6)
         assert record["p_a"] == pytest.approx(0.5, abs=1e-6)
+        assert record["orders_agree"] is False  # the two orders prefer different answers
         assert set(record) >= {"id", "prompt", "response_a", "response_b", "principle_id", "p_a"}
     assert records[1]["history"] == COMPARISONS[1]["history"]
 

@@ -5,7 +5,8 @@ helpfulness data is given, the preference-model stage (`pm`). The labelling foll
 step 6: the feedback model reads a conversation, one principle sampled from the constitution and
 two answers as options (A) and (B), after a few worked examples, and the soft label is the
 normalised probability of " (A)" versus " (B)" read from the model's log-probabilities (one scoring
-pass per option order), never from parsing generated text.
+pass per option order), never from parsing generated text. Principles are drawn from the stream
+"feedback:<id>" (critique draws on the bare id), and each few-shot example gets its own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from constitutional.backends import Backend, SamplingParams
 from constitutional.constitution import Constitution, FeedbackPrinciple, sample_principles
 from constitutional.errors import UserError, require, require_positive
+from constitutional.label_diagnostics import orders_agree
 from constitutional.prompts import render_plain, trim_at_turn_marker
 from constitutional.records import conversation
 from constitutional.seeding import seed_for
@@ -26,6 +28,10 @@ from constitutional.seeding import seed_for
 OPTIONS = (" (A)", " (B)")
 ORDERS = ("ab", "ba")  # "ba": response_b is shown as option (A)
 COT_STOP = ("\nHuman:", "So the answer is")
+# The principle draws of AI labels have their own stream: `critique` draws on the bare record id,
+# so a shared key would give a comparison's question the index of its round-0 critique principle
+# whenever both lists have the same length (the paper's 16 and 16).
+FEEDBACK_STREAM = "feedback"
 
 
 @dataclass
@@ -117,10 +123,10 @@ def label_comparisons(
     pool = constitution.feedback_principles if principles is None else principles
     readings = []  # (comparison index, principle, order, question)
     for index, comparison in enumerate(comparisons):
-        principles = sample_principles(pool, settings.principles_per_comparison, seed, comparison["id"])
+        principles = question_principles(pool, settings.principles_per_comparison, seed, comparison["id"])
         for principle in principles:
             for order in ORDERS if settings.debias else ORDERS[:1]:
-                question = render_question(constitution, comparison, principle, order, settings)
+                question = render_question(constitution, comparison, principle, order, settings, seed, pool)
                 readings.append((index, principle, order, question))
     reasonings: list[str | None] = [None] * len(readings)
     scoring_prompts = [question for _, _, _, question in readings]
@@ -148,6 +154,27 @@ def label_comparisons(
         finish_record(record, settings.hard_labels)
         record["scoring_method"] = backend.scoring_method  # how the option log-probs were read
     return records
+
+
+def question_principles(
+    pool: Sequence[FeedbackPrinciple], k: int, seed: int, comparison_id: str
+) -> list[FeedbackPrinciple]:
+    """The `k` principles a comparison is asked under, from the feedback stream of its id."""
+    return sample_principles(pool, k, seed, f"{FEEDBACK_STREAM}:{comparison_id}")
+
+
+def fewshot_principles(
+    pool: Sequence[FeedbackPrinciple], count: int, seed: int, comparison_id: str, principle_id: str
+) -> list[FeedbackPrinciple]:
+    """One principle per few-shot example, each drawn on its own (paper section 4.1: "each
+    few-shot example is formatted in the same manner as above, with an independently sampled
+    principle"); neither source gives the principle an example was written for.
+
+    The draw depends on the comparison and its question's principle but not on the option order,
+    so both orders of a reading see the same examples and differ only in where the answers stand.
+    """
+    keys = [f"{FEEDBACK_STREAM}-fewshot:{comparison_id}:{principle_id}:{position}" for position in range(count)]
+    return [sample_principles(pool, 1, seed, key)[0] for key in keys]
 
 
 def write_reasoning(
@@ -186,7 +213,11 @@ def finish_record(record: dict[str, Any], hard_labels: bool) -> None:
     p_a = sum(reading["p_a"] for reading in readings) / len(readings)
     if hard_labels:
         p_a = 1.0 if p_a > 0.5 else 0.0 if p_a < 0.5 else 0.5
-    record.update(principle_id=principle_ids[0], principle_ids=principle_ids, p_a=p_a, readings=readings)
+    record.update(principle_id=principle_ids[0], principle_ids=principle_ids, p_a=p_a)
+    agree = orders_agree(readings)
+    if agree is not None:  # asked in both orders (feedback.debias): did they prefer the same answer?
+        record["orders_agree"] = agree
+    record["readings"] = readings
     if any("reasoning" in reading for reading in readings):
         record["reasoning"] = readings[0]["reasoning"]
 
@@ -200,22 +231,37 @@ def render_question(
     principle: FeedbackPrinciple,
     order: str,
     settings: LabelOptions,
+    seed: int = 0,
+    pool: Sequence[FeedbackPrinciple] | None = None,
 ) -> str:
-    """The multiple-choice question for one comparison, principle and option order."""
+    """The multiple-choice question for one comparison, principle and option order.
+
+    Args:
+        constitution: supplies the few-shot examples.
+        comparison: `id`, `prompt`, optional `history`, `response_a`, `response_b`.
+        principle: the question's principle.
+        order: "ab", or "ba" (response_b shown as option (A)).
+        settings: how to ask.
+        seed: the run seed, and `pool` (default: the constitution's feedback principles): each
+            few-shot example's own principle is drawn from `pool` (`fewshot_principles`).
+    """
     first, second = ("response_a", "response_b") if order == "ab" else ("response_b", "response_a")
     turns = conversation(comparison)
+    pool = constitution.feedback_principles if pool is None else pool
+    shots = limit(constitution.cot_fewshot if settings.cot else constitution.feedback_fewshot, settings)
+    own = fewshot_principles(pool, len(shots), seed, comparison["id"], principle.id)
     if settings.cot:
-        examples = [fill_cot_example(example, principle) for example in limit(constitution.cot_fewshot, settings)]
+        examples = [fill_cot_example(example, example_principle) for example, example_principle in zip(shots, own)]
         question = cot_question(turns, principle, comparison[first], comparison[second])
         return "\n\n".join(examples + [question])
     examples = [
         multiple_choice(
             parse_conversation(example.conversation),
-            principle,
+            own[position],
             *((example.better, example.worse) if position % 2 == 0 else (example.worse, example.better)),
             answer="(A)" if position % 2 == 0 else "(B)",
         )
-        for position, example in enumerate(limit(constitution.feedback_fewshot, settings))
+        for position, example in enumerate(shots)
     ]
     return "\n\n".join(examples + [multiple_choice(turns, principle, comparison[first], comparison[second])])
 

@@ -48,7 +48,12 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("critique", {"critiques": "data/critiques.jsonl"}, record_files=("critiques",), shardable=True),
     Stage("sl", {"sl_cai": "models/sl-cai"}, trains=True),
     Stage("pairs", {"pairs": "data/pairs.jsonl"}, record_files=("pairs",), shardable=True),
-    Stage("feedback", {"ai_labels": "data/ai_labels.jsonl"}, record_files=("ai_labels",), shardable=True),
+    Stage(
+        "feedback",
+        {"ai_labels": "data/ai_labels.jsonl", "feedback_report": "eval/feedback.json"},
+        record_files=("ai_labels",),
+        shardable=True,
+    ),
     Stage(
         "pm",
         {

@@ -15,8 +15,14 @@ Options, all studied in the paper or after it:
   since chain-of-thought makes the model overconfident);
 - `feedback.hard_labels`: round to 0/1 (ablation).
 
-Output: `data/ai_labels.jsonl`, one record per pair with `p_a`, the principle ids, every reading
-(principle, order, probability, reasoning).
+Each comparison's principle is drawn from a stream of its own ("feedback:<id>"), apart from the
+critique principles of the same prompt, and each few-shot example is shown with its own,
+independently drawn principle (the paper, section 4.1).
+
+Output: `data/ai_labels.jsonl`, one record per pair with `p_a`, the principle ids, with both orders
+`orders_agree`, and every reading (principle, order, probability, reasoning); `eval/feedback.json`,
+the labels' position-flip rate and length bias with 95% intervals (`label_diagnostics`), also in the
+manifest's counts.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions, label_comparisons
 from constitutional.constitution import Constitution, load_constitution
 from constitutional.errors import require_positive
-from constitutional.records import read_pairs, read_records
+from constitutional.label_diagnostics import label_diagnostics
+from constitutional.records import read_pairs, read_records, write_json_atomic
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
 
@@ -86,10 +93,15 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, constitution: C
         shard=run_dir.shard,
     )
     labels = read_records(output)
+    diagnostics = label_diagnostics(labels)
+    if run_dir.shard is None:  # a shard's figures cover its share only; the report rebuilds them after a merge
+        write_json_atomic(run_dir.path("feedback_report"), diagnostics)
     return {
         "pairs": len(pairs),
         "labels": len(labels),
         "mean_p_a": round(sum(label["p_a"] for label in labels) / max(1, len(labels)), 4),
         # Which way the option log-probs were read (a server's echo or top_logprobs, a forward pass).
         "scoring_methods": sorted({str(label.get("scoring_method")) for label in labels}),
+        "position_flip": diagnostics["position_flip"],
+        "length_bias": diagnostics["length_bias"],
     }
