@@ -27,9 +27,9 @@ import torch
 from constitutional.backends import SamplingParams
 from constitutional.backends.transformers import _length_sorted_batches
 from constitutional.backends.transformers import load as load_transformers
-from constitutional.comparisons import ORDERS, label_comparisons, render_question
+from constitutional.comparisons import ORDERS, label_comparisons, question_principles, render_question
 from constitutional.config import config_from_dict
-from constitutional.constitution import load_constitution, sample_principles
+from constitutional.constitution import load_constitution
 from constitutional.sources import load_preference_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def main() -> None:
 
     questions = []
     for comparison in comparisons:
-        principle = sample_principles(constitution.feedback_principles, 1, 0, comparison["id"])[0]
+        principle = question_principles(constitution.feedback_principles, 1, 0, comparison["id"])[0]
         questions += [render_question(constitution, comparison, principle, order, config.feedback) for order in ORDERS]
 
     started = time.perf_counter()
