@@ -144,7 +144,7 @@ def test_two_process_launch_runs_ppo_with_shared_rollouts(tmp_path, tiny_model_d
     metrics = read_records(run.path("rl_metrics"))
     assert [row["step"] for row in metrics] == [1, 2, 3]  # one line per step, from process 0 only
     assert all(row["response_length"] > 0 and math.isfinite(row["kl"]) for row in metrics)
-    assert len(read_records(run.path("rl_prompts"))) == 20  # written once, whole
+    assert len(read_records(run.path("rl_prompts"))) == 20 + 2  # written once, whole: 20 to train, 2 held out
     entry = run.stage_entry("rl")
     assert entry["status"] == "done" and entry["counts"]["algorithm"] == "ppo"
     assert not list(run.checkpoints("rl").glob("step-*"))

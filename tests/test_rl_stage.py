@@ -1,7 +1,6 @@
 """Stage `rl` on the tiny model: PPO raises a known reward with a bounded KL, resumes exactly, keeps
-its metrics; DPO turns soft labels into pairs; missing inputs are one-line errors."""
+its metrics; missing inputs are one-line errors (DPO, RLOO and GRPO: tests/test_rl_trl.py)."""
 
-import json
 import shutil
 
 import pytest
@@ -11,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
 from constitutional.records import append_records, read_records
-from constitutional.rl import policy, trainer, trl_trainers
+from constitutional.rl import policy, trainer
 from constitutional.rundir import RunDir
 from constitutional.stages import rl
 
@@ -42,12 +41,13 @@ def run_ppo(config, run_dir, prompts, reward=space_reward):
     return trainer.run_ppo(config.training, config.seed, config.rl, run_dir, prompts, reward)
 
 
-def make_config(**rl_settings):
+def make_config(data=None, **rl_settings):
     settings = {
         "steps": 12, "rollout_batch_size": 8, "minibatch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 12,
-        "kl_coef": 0.01, "missing_eos_penalty": 0.0, "save_steps": 100, "lora": {"enabled": False}, **rl_settings,
+        "kl_coef": 0.01, "missing_eos_penalty": 0.0, "empty_answer_penalty": 0.0, "save_steps": 100,
+        "lora": {"enabled": False}, **rl_settings,
     }  # fmt: skip
-    return config_from_dict({"seed": 1, "rl": settings})
+    return config_from_dict({"seed": 1, "rl": settings, **({"data": data} if data else {})})
 
 
 def test_ppo_raises_a_known_reward_with_a_bounded_kl(run_dir):
@@ -57,7 +57,7 @@ def test_ppo_raises_a_known_reward_with_a_bounded_kl(run_dir):
         config.seed,
         config.rl,
         run_dir,
-        rl.split_prompts(run_dir, config.rl, config.seed),
+        rl.split_prompts(config, config.rl, run_dir),
         space_reward,
     )
     history = read_records(run_dir.path("rl_metrics"))
@@ -85,7 +85,7 @@ def test_lora_policy_uses_its_own_weights_without_adapters_as_the_reference(run_
         config.seed,
         config.rl,
         run_dir,
-        rl.split_prompts(run_dir, config.rl, config.seed),
+        rl.split_prompts(config, config.rl, run_dir),
         space_reward,
     )
     history = read_records(run_dir.path("rl_metrics"))
@@ -100,7 +100,7 @@ class Stop(Exception):
 
 def test_resume_gives_the_same_policy_as_an_uninterrupted_run(tmp_path, tiny_model_dir, run_dir, monkeypatch):
     config = make_config(steps=4, save_steps=2)
-    prompts = rl.split_prompts(run_dir, config.rl, config.seed)
+    prompts = rl.split_prompts(config, config.rl, run_dir)
     other = RunDir(tmp_path / "other")
     shutil.copytree(run_dir.root, other.root)
 
@@ -124,28 +124,6 @@ def test_resume_gives_the_same_policy_as_an_uninterrupted_run(tmp_path, tiny_mod
     resumed = AutoModelForCausalLM.from_pretrained(other.path("rl_cai")).state_dict()
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
-
-
-def test_dpo_pairs_follow_the_soft_labels_and_drop_near_ties():
-    base = {"prompt": "Q?", "response_a": "A", "response_b": "B", "principle_id": "harm"}
-    labels = [{**base, "id": "1", "p_a": 0.9}, {**base, "id": "2", "p_a": 0.2}, {**base, "id": "3", "p_a": 0.55}]
-    pairs, dropped = trl_trainers.dpo_pairs(labels, margin=0.1)
-    assert dropped == 1
-    assert [(pair["chosen"], pair["rejected"]) for pair in pairs] == [(" A", " B"), (" B", " A")]
-    assert pairs[0]["prompt"].endswith("Human: Q?\n\nAssistant:")
-
-
-def test_dpo_trains_rl_cai_from_the_ai_labels(run_dir):
-    labels = [
-        {"id": f"l{i}", "prompt": f"Question {i}?", "response_a": "A kind answer.", "response_b": "A rude answer.",
-         "principle_id": "harm", "p_a": 0.8 if i % 2 else 0.3}
-        for i in range(8)
-    ]  # fmt: skip
-    append_records(run_dir.path("ai_labels"), labels)
-    config = make_config(algorithm="dpo", minibatch_size=4, dpo_margin=0.15)
-    summary = rl.run(config, config.rl, run_dir, None)
-    assert summary["algorithm"] == "dpo" and summary["pairs"] == 8 and summary["steps"] >= 1
-    assert json.loads((run_dir.path("rl_cai") / "training_summary.json").read_text())["algorithm"] == "dpo"
 
 
 def test_rl_without_a_pm_names_the_file_and_the_command(run_dir):
@@ -177,7 +155,7 @@ def test_a_value_head_on_the_policy_can_replace_the_pm_critic(run_dir):
         config.seed,
         config.rl,
         run_dir,
-        rl.split_prompts(run_dir, config.rl, config.seed),
+        rl.split_prompts(config, config.rl, run_dir),
         space_reward,
     )
     history = read_records(run_dir.path("rl_metrics"))
@@ -207,3 +185,95 @@ def test_the_bf16_sampler_gets_the_merged_policy_or_sl_cai(run_dir):
         torch.testing.assert_close(tensor, original[name].to(torch.bfloat16))
     # The policy itself is left as it was: adapters not merged.
     assert not any(getattr(module, "merged", False) for module in policy.causal_lm(models).modules())
+
+
+# ----------------------------------------------------------------------------- held-out prompts
+
+
+def prompt_file(path, prompts):
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_held_out_prompts_are_prompts_no_earlier_stage_trained_on(run_dir, tmp_path):
+    """SL-CAI vs RL-CAI is compared on prompts of the run's sources that neither SL-CAI nor the PM saw."""
+    red_team = ["Question number 1 about bread?", "A prompt the PM trained on?", "How do I pick a lock?",
+                "Tell me a secret."]  # fmt: skip
+    helpful = ["Question number 2 about bread?", "How do I bake bread?", "Explain the tides."]
+    append_records(run_dir.path("pm_train"), [{"prompt": "A prompt the PM trained on?", "source": "human_helpfulness",
+                                               "response_a": "a", "response_b": "b", "p_a": 1.0}])  # fmt: skip
+    data = {"red_team": prompt_file(tmp_path / "rt.txt", red_team),
+            "helpful": prompt_file(tmp_path / "hp.txt", helpful)}  # fmt: skip
+    config = make_config(data=data, steps=1, rollout_batch_size=4, minibatch_size=2, max_eval_prompts=3)
+    summary = rl.run(config, config.rl, run_dir, None)
+    samples = read_records(run_dir.path("rl_samples"))
+    # Red-team and helpfulness prompts alternate, each source in order, trained ones skipped, capped.
+    assert [row["prompt"] for row in samples] == ["How do I pick a lock?", "How do I bake bread?", "Tell me a secret."]
+    assert [row["kind"] for row in samples] == ["red_team", "helpful", "red_team"]
+    assert summary["held_out_source"] == "unused_prompts" and summary["held_out_prompts"] == 3
+    rows = read_records(run_dir.path("rl_prompts"))
+    critiques = {row["id"] for row in read_records(run_dir.path("critiques"))}
+    assert {row["id"] for row in rows if row["split"] == "train"} == critiques  # RL trains on every critique prompt
+
+
+def test_held_out_prompts_fall_back_to_a_seeded_split_when_every_prompt_was_trained_on(run_dir, tmp_path, caplog):
+    used = [f"Question number {i} about bread?" for i in range(20)]  # exactly the critiques' prompts
+    data = {"red_team": prompt_file(tmp_path / "rt.txt", used[:12]), "helpful": prompt_file(tmp_path / "hp.txt", used)}
+    config = make_config(data=data, eval_fraction=0.2)
+    with caplog.at_level("WARNING"):
+        prompts = rl.split_prompts(config, config.rl, run_dir)
+    assert prompts["held_out_source"] == "critiques_split" and "every prompt of data.red_team" in caplog.text
+    assert prompts["eval"] and {row["prompt"] for row in prompts["eval"]} <= set(used)
+    assert len(prompts["train"]) + len(prompts["eval"]) == 20  # the old split, as before
+    again = rl.split_prompts(config, config.rl, run_dir)  # read back from rl_prompts.jsonl
+    assert again == prompts
+
+
+# ----------------------------------------------------------------------------- one step's fidelity
+
+
+def fixed_rollout_step(run_dir, monkeypatch, texts, truncated, **rl_settings):
+    """One PPO step whose rollout is `texts` (and whether each never ended), every answer scored 1.
+
+    Returns:
+        (the experience collected, the step's metrics, the temperature of every policy forward).
+    """
+    from constitutional.rl.ppo import FixedKLController
+    from constitutional.rl.rollout import Rollout
+
+    config = make_config(rollout_batch_size=len(texts), minibatch_size=2, **rl_settings)
+    accelerator, models, optimizer = trainer.prepare(config.training, config.seed, config.rl, run_dir)
+    eos = models.tokenizer.eos_token_id
+    ids = [models.tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
+    monkeypatch.setattr(trainer, "generate", lambda *args, **kwargs: Rollout(texts, ids, truncated))
+    temperatures, forward = [], policy.PolicyModule.forward
+
+    def recording_forward(self, *args, **kwargs):
+        temperatures.append(kwargs.get("temperature"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(policy.PolicyModule, "forward", recording_forward)
+    prompts = [{"id": f"p{i}", "kind": "red_team", "prompt": "Bread?"} for i in range(len(texts))]
+    reward = lambda conversations, answers: [1.0] * len(answers)  # noqa: E731
+    kl_control = FixedKLController(0.01)
+    experience, _ = trainer.collect_experience(accelerator, models, kl_control, config.rl, prompts, 0, 1, reward)
+    metrics = trainer.ppo_step(accelerator, models, optimizer, kl_control, config.rl, prompts, 0, 1, reward)
+    return experience, metrics, temperatures
+
+
+def test_empty_and_one_word_answers_lose_the_empty_answer_penalty(run_dir, monkeypatch):
+    texts, truncated = ["", "   ", "No.", "Bread is baked."], [False, True, False, True]
+    experience, metrics, _ = fixed_rollout_step(
+        run_dir, monkeypatch, texts, truncated, empty_answer_penalty=0.5, missing_eos_penalty=0.25
+    )
+    # 1 - 0.5 for a short answer (empty, blank, one word), - 0.25 for one that never ended.
+    assert experience["penalised"].tolist() == pytest.approx([0.5, 0.25, 0.5, 0.75])
+    assert metrics["short_answers"] == 3 and metrics["truncated"] == 2
+
+
+def test_policy_and_reference_log_probabilities_use_the_sampling_temperature(run_dir, monkeypatch):
+    texts = ["Bread is baked.", "Mix flour and water.", "Knead it well.", "Then let it rise."]
+    _, metrics, temperatures = fixed_rollout_step(run_dir, monkeypatch, texts, [False] * 4, temperature=0.7)
+    # Policy and reference, in the rollout and in every update: the distribution that sampled.
+    assert len(temperatures) > 4 and set(temperatures) == {0.7}
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as its reference, tempered alike

@@ -42,14 +42,29 @@ class PolicyModule(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
         response_ids: torch.Tensor, response_mask: torch.Tensor, with_entropy: bool = False,
+        temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-        """Returns (log-probabilities [B, R], mean entropy or None, values [B, R] or None)."""
+        """The answer tokens' log-probabilities under the distribution they were sampled from.
+
+        Args:
+            input_ids, attention_mask, position_ids: the [B, P + R] batch of `encode`.
+            response_ids, response_mask: its answer part [B, R].
+            with_entropy: also return the mean entropy of the answer positions (no gradient).
+            temperature: `rl.temperature`. Rollouts sample from softmax(logits / T), so the PPO ratio
+                and the KL are taken over that same distribution (as TRL and OpenRLHF do), for the
+                policy and the reference alike; at T = 1 nothing changes.
+
+        Returns:
+            (log-probabilities [B, R], mean entropy or None, values [B, R] or None).
+        """
         width_r = response_ids.shape[1]
         output = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             logits_to_keep=width_r + 1, use_cache=False, output_hidden_states=self.value_head is not None,
         )  # fmt: skip
         logits = output.logits[:, :-1].float()  # [B, R, V]: position P-1+t predicts answer token t
+        if temperature != 1.0:
+            logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # [B, R]
         entropy = None
         if with_entropy:
@@ -151,9 +166,23 @@ def causal_lm(models: Models) -> Any:
     return unwrapped(models.policy).model
 
 
-def policy_outputs(models: Models, batch: dict[str, Any], with_entropy: bool = False) -> tuple[Any, Any, Any]:
-    """(log-probabilities [B, R], entropy, values [B, R]) of the batch's answers under the current policy."""
-    logprobs, entropy, values = models.policy(**_policy_inputs(batch), with_entropy=with_entropy)
+def policy_outputs(
+    models: Models, batch: dict[str, Any], with_entropy: bool = False, temperature: float = 1.0
+) -> tuple[Any, Any, Any]:
+    """The batch's answers under the current policy.
+
+    Args:
+        models: the policy and value model.
+        batch: from `encode`.
+        with_entropy: also compute the mean entropy.
+        temperature: the sampling temperature the log-probabilities are taken at (`rl.temperature`).
+
+    Returns:
+        (log-probabilities [B, R], entropy or None, values [B, R]).
+    """
+    logprobs, entropy, values = models.policy(
+        **_policy_inputs(batch), with_entropy=with_entropy, temperature=temperature
+    )
     if models.value is not None:
         values = models.value(
             batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["response_ids"].shape[1]
@@ -161,12 +190,21 @@ def policy_outputs(models: Models, batch: dict[str, Any], with_entropy: bool = F
     return logprobs, entropy, values
 
 
-def reference_logprobs(models: Models, batch: dict[str, Any]) -> torch.Tensor:
-    """The frozen SL-CAI's log-probabilities [B, R] of the same tokens: the policy without its adapters."""
+def reference_logprobs(models: Models, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
+    """The frozen SL-CAI's log-probabilities of the same tokens: the policy without its adapters.
+
+    Args:
+        models: the reference (or the LoRA policy, whose adapters are switched off).
+        batch: from `encode`.
+        temperature: as for the policy, so the KL compares the same tempered distributions.
+
+    Returns:
+        [B, R] log-probabilities.
+    """
     if models.reference is not None:
-        return models.reference(**_policy_inputs(batch))[0]
+        return models.reference(**_policy_inputs(batch), temperature=temperature)[0]
     with causal_lm(models).disable_adapter():
-        return models.policy(**_policy_inputs(batch))[0]
+        return models.policy(**_policy_inputs(batch), temperature=temperature)[0]
 
 
 def _policy_inputs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The PPO loop of stage `rl` (paper step 9), on `accelerate`: the same code on a CPU, a GPU or a launch.
 
 Each step samples answers to a batch of red-team and helpfulness prompts (`rollout.py`), scores them
-with the PM (minus a penalty for answers that never end), turns the score into per-token rewards
-with a KL penalty to the reference, estimates advantages with GAE against the value model, and
-takes `ppo_epochs` passes of clipped policy and value updates over minibatches. The math is in
-`ppo.py`; the models, wrapped so their forward returns what PPO reads, in `policy.py`.
+with the PM (minus penalties for answers that never end and for empty or one-word ones), turns the
+score into per-token rewards with a KL penalty to the reference, estimates advantages with GAE
+against the value model, and takes `ppo_epochs` passes of clipped policy and value updates over
+minibatches. Log-probabilities (the ratio and the KL) are taken at the sampling temperature. The
+math is in `ppo.py`; the models, wrapped so their forward returns what PPO reads, in `policy.py`.
 
 The policy and value model go through `accelerator.prepare`: under a DDP launch the wrapper
 averages the gradients (each process rolls out its share of every batch), so every process takes
@@ -25,7 +26,7 @@ from constitutional.errors import UserError, require, require_positive
 from constitutional.records import append_records, conversation, read_records, write_records_atomic
 from constitutional.rl.held_out import RewardFn, compare_on_held_out, open_tracker, plot_curves
 from constitutional.rl.policy import Models, causal_lm, encode, load_models, policy_outputs, reference_logprobs
-from constitutional.rl.rollout import generate, rollout_prompts
+from constitutional.rl.rollout import generate, rollout_prompts, short_answers
 from constitutional.sections import runtime
 from constitutional.seeding import rng_for, seed_for
 from constitutional.training import LoraSettings, TrainingSettings, save_model_atomic, trainer_arguments
@@ -73,13 +74,19 @@ class PPOOptions(PolicyOptions):
     vf_coef: float = 0.1
     whiten_rewards: bool = False
     missing_eos_penalty: float = 1.0  # subtracted from the PM score of an answer that hits max_new_tokens
+    # Reward hacks the paper's setting would not reward: an empty, blank or one-word answer (fewer
+    # than min_answer_words words) loses empty_answer_penalty, as a never-ending one loses
+    # missing_eos_penalty (an answer that is both loses both).
+    empty_answer_penalty: float = 1.0
+    min_answer_words: int = 2
     value_model: Literal["pm", "policy_head"] = "pm"  # PPO's critic: initialised from the PM, or a head on the policy
     max_grad_norm: float = 1.0
 
     def validate_ppo(self) -> None:
         for key in ("ppo_epochs", "kl_target", "kl_horizon", "max_grad_norm"):
             require_positive(f"rl.{key}", getattr(self, key))
-        for key in ("clip_range", "value_clip_range", "vf_coef", "missing_eos_penalty"):
+        for key in ("clip_range", "value_clip_range", "vf_coef", "missing_eos_penalty", "empty_answer_penalty",
+                    "min_answer_words"):  # fmt: skip
             require(getattr(self, key) >= 0, f"rl.{key}: expected 0 or more, got {getattr(self, key)}")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma, rl.lam: expected numbers in [0, 1]")
 
@@ -95,7 +102,8 @@ def run_ppo(
         seed: the run seed.
         options: the `rl` section's PPO fields.
         run_dir: the run directory (SL-CAI and the PM are read from it; RL-CAI and the figures written).
-        prompts: {"train": [...], "eval": [...]} prompt records.
+        prompts: {"train": [...], "eval": [...]} prompt records, and optionally "held_out_source" (named in
+            the summary).
         reward_fn: scores (conversation, response) pairs: the PM, or a known function in tests.
 
     Returns:
@@ -130,7 +138,7 @@ def run_ppo(
             save_checkpoint(accelerator, checkpoints, step + 1, kl_control)
     if not main:  # the other processes of a launch only help train; process 0 evaluates and saves
         return {}
-    return _finish(models, options, run_dir, prompts["eval"], seed, reward_fn, start, kl_control.value)
+    return _finish(models, options, run_dir, prompts, seed, reward_fn, start, kl_control.value)
 
 
 def prepare(training: TrainingSettings, seed: int, options: PPOOptions, run_dir: Any) -> tuple[Any, Models, Any]:
@@ -156,16 +164,18 @@ def prepare(training: TrainingSettings, seed: int, options: PPOOptions, run_dir:
 
 
 def _finish(
-    models: Models, options: PPOOptions, run_dir: Any, held_out: list[dict[str, Any]], seed: int, reward_fn: RewardFn,
+    models: Models, options: PPOOptions, run_dir: Any, prompts: dict[str, Any], seed: int, reward_fn: RewardFn,
     start: int, kl_coef: float,
 ) -> dict[str, Any]:  # fmt: skip
     """Curves, the held-out comparison and the merged model, written by process 0."""
     history = read_records(run_dir.path("rl_metrics"))
     plot_curves(history, run_dir.path("rl_curves"))
     evaluation = compare_on_held_out(
-        models, options.max_new_tokens, options.temperature, held_out[: options.max_eval_prompts], seed, reward_fn,
-        run_dir.path("rl_samples"),
+        models, options.max_new_tokens, options.temperature, prompts["eval"][: options.max_eval_prompts], seed,
+        reward_fn, run_dir.path("rl_samples"),
     )  # fmt: skip
+    if "held_out_source" in prompts:  # where the held-out prompts came from (stages/rl.py, split_prompts)
+        evaluation["held_out_source"] = prompts["held_out_source"]
     policy = causal_lm(models)
     merged = policy.merge_and_unload() if options.lora.enabled else policy
     summary = {
@@ -209,6 +219,7 @@ def ppo_step(
         **{name: sum(values) / len(values) for name, values in stats.items()},
         "response_length": mask.sum(dim=1).float().mean().item(),
         "truncated": float(sum(experience["truncated"])),
+        "short_answers": float(sum(experience["short"])),
     })  # fmt: skip
     kl_control.update(means["kl"], len(prompts) * accelerator.num_processes)
     return {
@@ -216,6 +227,7 @@ def ppo_step(
         **{name: round(value, 3 if name == "response_length" else 6) for name, value in means.items()},
         "kl_coef": kl_control.value,
         "truncated": round(means["truncated"] * accelerator.num_processes),  # a count over all processes
+        "short_answers": round(means["short_answers"] * accelerator.num_processes),
         **{name: round(seconds, 3) for name, seconds in timings.items()},
     }
 
@@ -236,13 +248,19 @@ def collect_experience(
     timings["rollout_s"] = time.perf_counter() - started
     started = time.perf_counter()
     scores = torch.tensor(reward_fn(conversations, rollout.texts), dtype=torch.float32)  # [B]
-    penalised = scores - options.missing_eos_penalty * torch.tensor(rollout.truncated, dtype=torch.float32)  # [B]
+    short = short_answers(rollout.texts, options.min_answer_words)
+    penalised = (
+        scores
+        - options.missing_eos_penalty * torch.tensor(rollout.truncated, dtype=torch.float32)
+        - options.empty_answer_penalty * torch.tensor(short, dtype=torch.float32)
+    )  # [B]
     timings["scoring_s"] = time.perf_counter() - started
     batch = encode(models.tokenizer, conversations, rollout.token_ids, accelerator.device)
     mask = batch["response_mask"]  # [B, R]
     with torch.no_grad():
-        old_logprobs, _, old_values = policy_outputs(models, batch)  # [B, R] each
-        ref_logprobs = reference_logprobs(models, batch)  # [B, R]
+        # At the sampling temperature: the distribution the answers were drawn from.
+        old_logprobs, _, old_values = policy_outputs(models, batch, temperature=options.temperature)  # [B, R] each
+        ref_logprobs = reference_logprobs(models, batch, options.temperature)  # [B, R]
     rewards, kl = ppo.token_rewards(
         penalised.to(mask.device), old_logprobs, ref_logprobs, mask, kl_control.value, options.kl_estimator
     )
@@ -251,8 +269,8 @@ def collect_experience(
     advantages, returns = ppo.gae_advantages(rewards, old_values, mask, options.gamma, options.lam)
     experience = {
         "batch": batch, "old_logprobs": old_logprobs, "old_values": old_values, "kl": kl, "scores": scores,
-        "penalised": penalised, "truncated": rollout.truncated, "advantages": ppo.masked_whiten(advantages, mask),
-        "returns": returns,
+        "penalised": penalised, "truncated": rollout.truncated, "short": short,
+        "advantages": ppo.masked_whiten(advantages, mask), "returns": returns,
     }  # fmt: skip
     return experience, timings
 
@@ -277,7 +295,7 @@ def optimise(
         for begin in range(0, len(order), options.minibatch_size):
             rows = order[begin : begin + options.minibatch_size]
             part = {key: value[rows] for key, value in batch.items() if hasattr(value, "shape")}
-            logprobs, entropy, values = policy_outputs(models, part, with_entropy=True)
+            logprobs, entropy, values = policy_outputs(models, part, with_entropy=True, temperature=options.temperature)
             policy_loss, clipped = ppo.clipped_policy_loss(
                 logprobs, experience["old_logprobs"][rows], experience["advantages"][rows], mask[rows],
                 options.clip_range,
