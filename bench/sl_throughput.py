@@ -94,7 +94,10 @@ def synthesise_critiques(path: Path, count: int) -> None:
                 "kind": kind,
                 "prompt": item.prompt,
                 "initial_response": answer,
-                "revisions": [],
+                # One revision per red-team record: sl trains on every revision (sl.targets: all_revisions).
+                "revisions": [{"principle_id": "synthetic", "critique": "", "revision": answer}]
+                if kind == "red_team"
+                else [],
                 "final_response": answer,
                 "flags": [],
             }

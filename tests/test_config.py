@@ -18,10 +18,13 @@ def test_quickstart_loads_and_names_every_key():
 def test_7b_recipe_loads_with_the_papers_proportions():
     config = load_config(REPO / "configs" / "recipe-7b.yaml")
     assert config.critique.rounds == 4  # the paper's revisions per prompt
-    # 135,296 helpfulness samples beside 182,831 red-team ones, in the SL mix and in the PM mix.
-    paper_share = 135_296 / (135_296 + 182_831)
-    assert config.sl.helpful_fraction == pytest.approx(paper_share, abs=1e-3)
-    assert config.pm.helpful_fraction == pytest.approx(paper_share, abs=1e-3)
+    # SL (section 3.1): 182,831 red-team prompts x 4 revisions beside 135,296 helpfulness prompts x 2
+    # samples; the PM mix: 135,296 human helpfulness beside 182,831 AI harmlessness comparisons.
+    sl_share = 135_296 * 2 / (135_296 * 2 + 182_831 * 4)
+    pm_share = 135_296 / (135_296 + 182_831)
+    assert config.sl.targets == "all_revisions"
+    assert config.sl.helpful_fraction == pytest.approx(sl_share, abs=1e-3)
+    assert config.pm.helpful_fraction == pytest.approx(pm_share, abs=1e-3)
     assert config.pm.init == "base" and config.sl.epochs == 1 and config.pairs.temperature == 1.0
     assert config.backend == "vllm" and config.vllm.enable_prefix_caching
     assert config.training.gradient_checkpointing and config.training.precision == "bf16"

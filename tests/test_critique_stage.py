@@ -46,16 +46,21 @@ def test_records_have_the_contract_fields_and_fresh_principles(run_stage):
             assert len(set(ids)) == len(ids)  # a fresh principle each round
             assert set(record["revisions"][0]) == {"principle_id", "critique", "revision"}
         else:
-            assert (
-                record["revisions"] == []
-                and record["final_response"] == record["initial_response"]
-                or "initial_response:empty" in " ".join(record["flags"])
-            )
+            # The paper's 2 samples per helpfulness prompt (the default); the first is also initial_response.
+            samples = record["helpful_samples"]
+            assert record["revisions"] == [] and len(samples) == config.critique.helpful_samples == 2
+            assert record["initial_response"] == samples[0]
+            flagged = [
+                index for index in range(2) if any(f.startswith(f"helpful_samples[{index}]:") for f in record["flags"])
+            ]
+            usable = [text for index, text in enumerate(samples) if index not in flagged]
+            assert record["final_response"] == (usable[0] if usable else "")
         # Outputs never run on into the next turn.
         for text in [record["initial_response"]] + [r["critique"] for r in record["revisions"]]:
             assert "Human:" not in text and "CritiqueRequest:" not in text
     manifest = run.read_manifest()["stages"]["critique"]
     assert manifest["status"] == "done" and manifest["counts"]["records"] == 7
+    assert manifest["counts"]["helpful_samples"] == 4
     assert (run.root / "config.yaml").exists()
 
 
@@ -167,3 +172,72 @@ def test_a_done_stage_is_skipped(monkeypatch, run_stage):
     monkeypatch.setattr(critique, "run", refuse)
     run_pipeline(config, run.root, ["critique"])
     assert read_records(run.path("critiques")) == records
+
+
+class RecordingModel:
+    """Answers each request with its seed and temperature, and records every generate call."""
+
+    model_id = "recording"
+
+    def __init__(self, empty_seeds=()):
+        self.calls = []
+        self.empty_seeds = set(empty_seeds)
+
+    def apply_chat_template(self, messages):
+        return None
+
+    def generate(self, prompts, params, seeds=None):
+        self.calls.append((len(prompts), params.temperature, list(seeds)))
+        return ["" if seed in self.empty_seeds else f"Answer {seed} at T={params.temperature}." for seed in seeds]
+
+
+def test_helpfulness_prompts_get_their_samples_at_their_temperature_with_one_seed_each(make_config):
+    config = make_config(critique={"rounds": 1, "temperature": 0.3, "helpful_samples": 3, "helpful_temperature": 1.0})
+    inputs = critique.check(config, config.critique)
+    chunk = [(inputs.red_team[0], "red_team")] + [(item, "helpful") for item in inputs.helpful]
+    first = critique.helpful_sample_seed(config.seed, inputs.helpful[0].id, 0)
+    model = RecordingModel(empty_seeds={first})
+    records = critique.CritiqueWriter(config, config.critique, inputs, model).process(chunk)
+    red, *helpful = records
+    # Red-team answers, critiques and revisions at the critique temperature; samples at theirs, in one call.
+    assert [(n, t) for n, t, _ in model.calls] == [(1, 0.3), (6, 1.0), (1, 0.3), (1, 0.3)]
+    assert red["initial_response"].endswith("T=0.3.") and "helpful_samples" not in red
+    for item, record in zip(inputs.helpful, helpful):
+        seeds = [critique.helpful_sample_seed(config.seed, item.id, index) for index in range(3)]
+        assert len(set(seeds)) == 3
+        assert record["helpful_samples"] == ["" if s == first else f"Answer {s} at T=1.0." for s in seeds]
+        assert record["initial_response"] == record["helpful_samples"][0]
+    # Sample 0 shares the single answer's seed of before (helpful_samples: 1 reproduces those records).
+    assert first == critique.seed_for(config.seed, inputs.helpful[0].id, "answer")
+    # A flagged sample is never final: the first usable one is.
+    assert helpful[0]["flags"] == ["helpful_samples[0]:empty"]
+    assert helpful[0]["final_response"] == helpful[0]["helpful_samples"][1]
+    assert helpful[1]["flags"] == [] and helpful[1]["final_response"] == helpful[1]["helpful_samples"][0]
+    assert critique.summarize(records)["helpful_samples"] == 6
+    # One seed per (prompt, sample): a chunk of one prompt gives the same record as a chunk of all.
+    alone = critique.CritiqueWriter(config, config.critique, inputs, RecordingModel(empty_seeds={first}))
+    assert alone.process([(inputs.helpful[1], "helpful")]) == [helpful[1]]
+
+
+def test_samples_do_not_depend_on_batching(run_stage):
+    _, _, whole = run_stage("whole", critique={"chunk_size": 7}, transformers={"batch_size": 8})
+    _, _, single = run_stage(
+        "single", critique={"chunk_size": 1}, transformers={"batch_size": 1}, cache={"enabled": False}
+    )
+    assert whole == single
+    samples = [record["helpful_samples"] for record in whole if record["kind"] == "helpful"]
+    assert len(samples) == 2 and all(len(set(pair)) == 2 for pair in samples)  # T = 1: two different answers
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"helpful_samples": 0}, "critique.helpful_samples: expected a positive number, got 0"),
+        ({"helpful_temperature": -1}, "critique.helpful_temperature: expected 0 or more, got -1"),
+    ],
+)
+def test_bad_helpful_sampling_settings_name_the_key(make_config, values, key):
+    from constitutional.errors import UserError
+
+    with pytest.raises(UserError, match=f"^{key}"):
+        make_config(critique=values)

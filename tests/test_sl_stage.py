@@ -33,12 +33,14 @@ HELPFUL = [
 
 
 def critique_record(index, kind, prompt, final_response):
+    """A record as the critique stage writes it: a red-team one with one round, its revision the final response."""
+    revisions = [{"principle_id": "harm-general", "critique": "Too blunt.", "revision": final_response}]
     return {
         "id": f"{kind}-{index}",
         "kind": kind,
         "prompt": prompt,
         "initial_response": final_response,
-        "revisions": [],
+        "revisions": revisions if kind == "red_team" else [],
         "final_response": final_response,
         "flags": [],
     }
@@ -144,7 +146,8 @@ def test_run_trains_and_saves_a_safetensors_model(make_config, run_dir, tiny_mod
     counts = sl.run(config, config.sl, run_dir, sl.check(config, config.sl))
     output = run_dir.path("sl_cai")
     assert_plain_safetensors_model(output, tiny_model_dir)
-    assert counts["examples"] == 10 and counts["red_team"] == 4 and counts["helpful"] == 6
+    assert counts["examples"] == 10 and counts["examples_red_team"] == 4 and counts["examples_helpful"] == 6
+    assert counts["examples_by_round"] == {"1": 4} and counts["skipped_revisions"] == 1
     assert counts["skipped_degenerate"] == 1 and counts["steps"] == 5
     assert counts["train_loss"] > 0 and counts["train_tokens_per_s"] > 0
     assert not list((run_dir.root / "checkpoints" / "sl").glob("checkpoint-*"))  # gone once the model is saved
@@ -218,7 +221,16 @@ def test_interrupted_training_resumes_from_the_last_complete_checkpoint(make_con
 def test_helpful_fraction_and_degenerate_records(make_config, run_dir):
     path = run_dir.path("critiques")
     examples, counts = sl.load_examples(path, make_config(helpful_fraction=0.5).sl, 0, "</s>")
-    assert counts == {"examples": 8, "red_team": 4, "helpful": 4, "skipped_degenerate": 1}
+    assert counts == {
+        "examples": 8,
+        "examples_red_team": 4,
+        "examples_helpful": 4,
+        "examples_by_round": {"1": 4},
+        "skipped_degenerate": 1,
+        "skipped_revisions": 1,
+        "skipped_helpful_samples": 0,
+        "helpful_left_out": 2,
+    }
     assert sum(e.kind == "helpful" for e in examples) == 4
     assert all(e.completion.endswith("</s>") and e.prompt.endswith("Assistant:") for e in examples)
     # Seeded: the same config gives the same mix and order; another seed another order.
@@ -228,11 +240,11 @@ def test_helpful_fraction_and_degenerate_records(make_config, run_dir):
     other_seed.seed += 1
     assert sl.load_examples(path, other_seed.sl, other_seed.seed, "</s>")[0] != examples
     _, counts = sl.load_examples(path, make_config(helpful_fraction=0.0).sl, 0)
-    assert counts["helpful"] == 0
+    assert counts["examples_helpful"] == 0
     _, counts = sl.load_examples(path, make_config(helpful_fraction=0.9).sl, 0)
-    assert counts["helpful"] == 6  # capped by what exists
+    assert counts["examples_helpful"] == 6  # capped by what exists
     _, counts = sl.load_examples(path, make_config().sl, 0)
-    assert counts["helpful"] == 6 and counts["examples"] == 10
+    assert counts["examples_helpful"] == 6 and counts["examples"] == 10 and counts["helpful_left_out"] == 0
 
 
 def test_bad_critiques_input_names_file_and_line(make_config, tmp_path):
@@ -255,6 +267,7 @@ def test_bad_critiques_input_names_file_and_line(make_config, tmp_path):
     [
         ({"batch_size": 0}, "sl.batch_size"),
         ({"helpful_fraction": 1.0}, "sl.helpful_fraction"),
+        ({"targets": "best"}, "sl.targets: expected one of all_revisions, final, got 'best'"),
         ({"lr_scheduler": "wobbly"}, "sl.lr_scheduler"),
         ({"lora": {"target_modules": " , "}}, "sl.lora.target_modules"),
         ({"report_to": "tensorboard"}, "unknown config key 'sl.report_to'"),
@@ -266,7 +279,11 @@ def test_bad_settings_name_the_key(make_config, settings, key):
 
 
 def test_pipeline_runs_critique_then_sl(tmp_path, tiny_model_dir):
-    """`check` passes before critiques.jsonl exists; the manifest records the stage's counts."""
+    """`check` passes before critiques.jsonl exists; the manifest records the stage's counts.
+
+    3 red-team prompts x 1 round give 3 revisions, 2 helpfulness prompts x 2 samples 4 answers: each
+    usable one is an example, each other one is counted as skipped.
+    """
     from constitutional.pipeline import run_pipeline
 
     config = config_from_dict(
@@ -281,5 +298,9 @@ def test_pipeline_runs_critique_then_sl(tmp_path, tiny_model_dir):
     run = run_pipeline(config, tmp_path / "run", ["critique", "sl"])
     entry = run.read_manifest()["stages"]["sl"]
     assert entry["status"] == "done" and entry["inputs"]["base_model"].startswith(str(tiny_model_dir))
-    assert entry["counts"]["examples"] + entry["counts"]["skipped_degenerate"] == 5
+    counts = entry["counts"]
+    assert counts["examples_red_team"] + counts["skipped_revisions"] == 3
+    assert counts["examples_helpful"] + counts["skipped_helpful_samples"] == 4
+    assert counts["examples"] == counts["examples_red_team"] + counts["examples_helpful"]
+    assert counts["examples_by_round"] == ({"1": counts["examples_red_team"]} if counts["examples_red_team"] else {})
     assert (run.path("sl_cai") / "model.safetensors").exists()

@@ -2,7 +2,8 @@
 
 For every red-team prompt the helpful model writes an answer; then, for `critique.rounds` rounds,
 it critiques its latest answer against a principle sampled from the constitution (a fresh one
-each round) and revises it. Helpfulness prompts are answered once, for the SL mix. Output:
+each round) and revises it. Each helpfulness prompt is answered `critique.helpful_samples` times at
+`critique.helpful_temperature` (the paper: 2 samples at T = 1), every sample an SL example. Output:
 `data/critiques.jsonl`, one record per prompt.
 
 Prompts move through the rounds in chunks: all prompts of a chunk share each generate call (the
@@ -10,7 +11,8 @@ back end batches them), and a chunk's records are appended as soon as its last r
 With the generation cache, an interrupted chunk costs nothing to redo.
 
 Every generated turn is checked: empty or looping output, and output that copies a long span of
-a few-shot example (small base models do), is flagged and never becomes `final_response`.
+a few-shot example (small base models do), is flagged and never becomes `final_response` (nor an SL
+example: `sl` skips flagged revisions and helpful samples).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Settings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     num_fewshot: int | None = None  # critique/revision examples in the prompt (None: all)
+    helpful_samples: int = 2  # answers sampled per helpfulness prompt, each an SL example (paper: 2)
+    helpful_temperature: float = 1.0  # their temperature (paper: T = 1); top_p and max_new_tokens as above
     chunk_size: int = runtime(32)  # prompts carried through all rounds together, then written out
 
     def validate(self) -> None:
@@ -70,6 +74,11 @@ class Settings:
         require_positive("critique.max_new_tokens", self.max_new_tokens)
         require_positive("critique.chunk_size", self.chunk_size)
         require(self.temperature >= 0, f"critique.temperature: expected 0 or more, got {self.temperature}")
+        require_positive("critique.helpful_samples", self.helpful_samples)
+        require(
+            self.helpful_temperature >= 0,
+            f"critique.helpful_temperature: expected 0 or more, got {self.helpful_temperature}",
+        )
         require(0 < self.top_p <= 1, f"critique.top_p: expected a number in (0, 1], got {self.top_p}")
         require(
             self.num_fewshot is None or self.num_fewshot >= 0,
@@ -154,7 +163,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         chunk_size=settings.chunk_size,
         desc="critique",
         unit="turn",
-        units=lambda pair: 1 + 2 * settings.rounds if pair[1] == "red_team" else 1,
+        units=lambda pair: 1 + 2 * settings.rounds if pair[1] == "red_team" else settings.helpful_samples,
         shard=run_dir.shard,
     )
     return summarize(read_records(output))
@@ -166,6 +175,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "records": len(records),
         "red_team": sum(record["kind"] == "red_team" for record in records),
         "helpful": sum(record["kind"] == "helpful" for record in records),
+        "helpful_samples": sum(len(record.get("helpful_samples", ())) for record in records),
         "flagged": sum(bool(record["flags"]) for record in records),
         "copied_fewshot": sum(
             any(flag.endswith(":" + COPIED_FEWSHOT) for flag in record["flags"]) for record in records
@@ -210,6 +220,13 @@ class CritiqueWriter:
             top_p=settings.top_p,
             stop=STOP_STRINGS,
         )
+        self.helpful_samples = settings.helpful_samples
+        self.helpful_params = SamplingParams(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.helpful_temperature,
+            top_p=settings.top_p,
+            stop=STOP_STRINGS,
+        )
 
     def process(self, chunk: Sequence[tuple[PromptItem, str]]) -> list[dict[str, Any]]:
         """Answer every prompt of the chunk, then run the critique-revision rounds on red-team ones.
@@ -218,14 +235,16 @@ class CritiqueWriter:
             One finished record per prompt, in chunk order.
         """
         records = [self._new_record(item, kind) for item, kind in chunk]
+        red_team = [(item, record) for (item, _), record in zip(chunk, records) if record["kind"] == "red_team"]
+        helpful = [(item, record) for (item, _), record in zip(chunk, records) if record["kind"] == "helpful"]
         answers = self._generate(
-            [self._render(item, [], "assistant", [self.assistant_preamble]) for item, _ in chunk],
-            [seed_for(self.seed, item.id, "answer") for item, _ in chunk],
+            [self._render(item, [], "assistant", [self.assistant_preamble]) for item, _ in red_team],
+            [seed_for(self.seed, item.id, "answer") for item, _ in red_team],
         )
-        for record, answer in zip(records, answers):
+        for (_, record), answer in zip(red_team, answers):
             record["initial_response"] = answer
             self._flag(record, "initial_response", answer)
-        red_team = [(item, record) for (item, _), record in zip(chunk, records) if record["kind"] == "red_team"]
+        self._sample_helpful(helpful)
         principles = {
             item.id: sample_principles(self.constitution.critique_principles, self.rounds, self.seed, item.id)
             for item, _ in red_team
@@ -237,6 +256,23 @@ class CritiqueWriter:
             if not record["final_response"]:
                 record["flags"].append("final_response:none")
         return records
+
+    def _sample_helpful(self, helpful: list[tuple[PromptItem, dict[str, Any]]]) -> None:
+        """`helpful_samples` answers per helpfulness prompt at `helpful_temperature`, one seed per sample.
+
+        `initial_response` is the first sample (what readers of older records read).
+        """
+        requests = [(item, record, index) for item, record in helpful for index in range(self.helpful_samples)]
+        texts = self._generate(
+            [self._render(item, [], "assistant", [self.assistant_preamble]) for item, _, _ in requests],
+            [helpful_sample_seed(self.seed, item.id, index) for item, _, index in requests],
+            self.helpful_params,
+        )
+        for (_, record, index), text in zip(requests, texts):
+            record["helpful_samples"].append(text)
+            self._flag(record, f"helpful_samples[{index}]", text)
+        for _, record in helpful:
+            record["initial_response"] = record["helpful_samples"][0]
 
     def _critique_round(
         self,
@@ -282,8 +318,10 @@ class CritiqueWriter:
         turns = list(item.history) + [("human", item.prompt)] + after_prompt
         return render(self.backend, self.prompt_format, turns, next_role, preamble)
 
-    def _generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
-        texts = [trim_at_turn_marker(text) for text in self.backend.generate(prompts, self.params, seeds)]
+    def _generate(self, prompts: list[str], seeds: list[int], params: SamplingParams | None = None) -> list[str]:
+        if not prompts:  # a chunk of one kind only: no call for the other
+            return []
+        texts = [trim_at_turn_marker(text) for text in self.backend.generate(prompts, params or self.params, seeds)]
         self.on_turns(len(texts))
         return texts
 
@@ -292,7 +330,10 @@ class CritiqueWriter:
         record: dict[str, Any] = {"id": item.id, "kind": kind, "prompt": item.prompt}
         if item.history:
             record["history"] = [{"role": role, "text": text} for role, text in item.history]
-        record.update(initial_response="", revisions=[], final_response="", flags=[])
+        record["initial_response"] = ""
+        if kind == "helpful":
+            record["helpful_samples"] = []
+        record.update(revisions=[], final_response="", flags=[])
         return record
 
     def _flag(self, record: dict[str, Any], field: str, text: str) -> None:
@@ -301,9 +342,24 @@ class CritiqueWriter:
             record["flags"].append(f"{field}:{problem}")
 
 
+def helpful_sample_seed(seed: int, record_id: str, index: int) -> int:
+    """The seed of helpfulness sample `index` of a prompt: its own per (prompt, index), never its batch's.
+
+    Sample 0 keeps the seed of the single answer of before, so `helpful_samples: 1` at the critique
+    temperature makes the same records (and hits the same cache entries) as then.
+    """
+    return seed_for(seed, record_id, "answer") if index == 0 else seed_for(seed, record_id, "answer", str(index))
+
+
 def _final_response(record: dict[str, Any]) -> str:
-    """The latest answer that is not flagged: the last good revision, else the initial answer, else ""."""
+    """The latest answer that is not flagged: the last good revision, else the initial answer, else "".
+
+    A helpful record's is its first unflagged sample.
+    """
     flagged = {flag.rsplit(":", 1)[0] for flag in record["flags"]}
+    if "helpful_samples" in record:
+        samples = enumerate(record["helpful_samples"])
+        return next((text for index, text in samples if f"helpful_samples[{index}]" not in flagged), "")
     for position in range(len(record["revisions"]) - 1, -1, -1):
         if f"revisions[{position}].revision" not in flagged:
             return record["revisions"][position]["revision"]

@@ -1,9 +1,12 @@
 """Stage `sl` (paper step 4): supervised fine-tuning of the pretrained model -> SL-CAI.
 
 The *pretrained* model (`models.base`, as in the paper) is fine-tuned with TRL's `SFTTrainer` on
-prompt/completion examples built from `data/critiques.jsonl`: (conversation -> final revision) for
-red-team records, (conversation -> answer) for helpfulness records, mixed by
-`sl.helpful_fraction`. The prompt is the paper's plain transcript ("Human: ...\\n\\nAssistant:"),
+prompt/completion examples built from `data/critiques.jsonl`, as the paper's section 3.1 does: with
+`sl.targets: all_revisions`, (conversation -> revision) for the revision of every round of every
+red-team record (paper: 4 per prompt), with `final` only the last usable one; (conversation ->
+sample) for every helpfulness sample (paper: 2 per prompt, at T = 1); mixed by
+`sl.helpful_fraction` (None: every example made). Flagged or empty revisions and samples are
+skipped and counted. The prompt is the paper's plain transcript ("Human: ...\\n\\nAssistant:"),
 the completion " <response><eos>", and the loss covers the completion tokens only; the output
 layer is applied only where there is a loss, on CPU too (`loss_positions_only`).
 
@@ -19,6 +22,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +53,16 @@ log = logging.getLogger(__name__)
 
 NAME = "sl"
 CONFIG_KEYS = ("seed", "models.base.name", "training.precision")
+# What a red-team record teaches: every usable revision (the paper), or only its final response.
+TARGETS = ("all_revisions", "final")
 
 
 @dataclass
 class _Leading:
-    """The key of section `sl` that comes before the Trainer options (fields keep their order in config.yaml)."""
+    """The keys of section `sl` that come before the Trainer options (fields keep their order in config.yaml)."""
 
-    helpful_fraction: float | None = None  # share of helpfulness examples in the mix (None: all there are)
+    targets: str = "all_revisions"  # red-team examples: every usable revision of every round (paper) | final
+    helpful_fraction: float | None = None  # share of helpfulness examples among all examples (None: all there are)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class Settings(TrainerOptions, _Leading):
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
+        require(self.targets in TARGETS, f"sl.targets: expected one of {', '.join(TARGETS)}, got {self.targets!r}")
         require(
             self.helpful_fraction is None or 0 <= self.helpful_fraction < 1,
             f"sl.helpful_fraction: expected a number in [0, 1) or nothing, got {self.helpful_fraction}",
@@ -123,51 +131,117 @@ def input_hashes(base_model: ModelRef) -> dict[str, str]:
 
 def load_examples(
     path: Path, settings: Settings, seed: int, eos_token: str = ""
-) -> tuple[list[Example], dict[str, int]]:
+) -> tuple[list[Example], dict[str, Any]]:
     """Read critiques and build the shuffled SFT mix.
 
     Args:
         path: `data/critiques.jsonl`.
-        settings: the `sl` section (`helpful_fraction`).
+        settings: the `sl` section (`targets`, `helpful_fraction`).
         seed: the run seed (mix and order).
         eos_token: appended to every completion, so the model learns to stop.
 
     Returns:
-        The examples, shuffled with `seed`, and counts: examples, red_team, helpful,
-        skipped_degenerate (records without a usable final_response).
+        The examples, shuffled with `seed`, and counts: examples, examples_red_team,
+        examples_helpful, examples_by_round (red-team examples by the round their target comes
+        from; "0": the initial answer, which only `final` uses), skipped_degenerate (records that
+        give no example), skipped_revisions and skipped_helpful_samples (flagged or empty ones),
+        helpful_left_out (helpful examples `helpful_fraction` left out of the mix).
 
     Raises:
-        UserError: a missing file, a malformed line, or a record without a needed field.
+        UserError: a missing file, a malformed line, a record without a needed field, or
+            `all_revisions` on a file whose red-team records have no revisions.
     """
     records = read_critiques(path)
-    usable = [record for record in records if record["final_response"].strip()]
-    red_team = [_example(record, eos_token) for record in usable if record["kind"] == "red_team"]
-    helpful = [_example(record, eos_token) for record in usable if record["kind"] == "helpful"]
+    if settings.targets == "all_revisions":
+        _require_revisions(path, records)
+    made: dict[str, list[Example]] = {"red_team": [], "helpful": []}
+    by_round: Counter[int] = Counter()
+    skipped: Counter[str] = Counter()
+    for record in records:
+        candidates = _candidates(path, record, settings.targets)
+        usable = [(round_, text.strip()) for round_, field, text in candidates if _usable(record, field, text)]
+        skipped.update(field.split("[")[0] for _, field, text in candidates if not _usable(record, field, text))
+        skipped["records"] += not usable
+        for round_, text in usable:
+            made[record["kind"]].append(_example(record, text, eos_token))
+            if round_ is not None:
+                by_round[round_] += 1
+    red_team = made["red_team"]
     rng = random.Random(seed)
-    helpful = _subsample(helpful, len(red_team), settings.helpful_fraction, rng)
+    helpful = _subsample(made["helpful"], len(red_team), settings.helpful_fraction, rng)
     examples = red_team + helpful
     rng.shuffle(examples)
     counts = {
         "examples": len(examples),
-        "red_team": len(red_team),
-        "helpful": len(helpful),
-        "skipped_degenerate": len(records) - len(usable),
+        "examples_red_team": len(red_team),
+        "examples_helpful": len(helpful),
+        "examples_by_round": {str(round_): by_round[round_] for round_ in sorted(by_round)},
+        "skipped_degenerate": skipped["records"],
+        "skipped_revisions": skipped["revisions"],
+        "skipped_helpful_samples": skipped["helpful_samples"],
+        "helpful_left_out": len(made["helpful"]) - len(helpful),
     }
     return examples, counts
 
 
-def _example(record: dict[str, Any], eos_token: str) -> Example:
+def _require_revisions(path: Path, records: list[dict[str, Any]]) -> None:
+    """`all_revisions` trains on revisions: a file whose red-team records have none cannot feed it."""
+    red_team = [record for record in records if record["kind"] == "red_team"]
+    if red_team and not any(record.get("revisions") for record in red_team):
+        raise UserError(
+            f"{path}: sl.targets: all_revisions, but no red-team record has revisions (made with "
+            "critique.rounds: 0?); run critique with rounds, or set sl.targets: final"
+        )
+
+
+def _candidates(path: Path, record: dict[str, Any], targets: str) -> list[tuple[int | None, str, str]]:
+    """What a record could teach: (round, field, text) per candidate completion.
+
+    The round is 1.. for a revision, 0 for an initial answer, None for a helpfulness sample; the
+    field is the name the critique stage flags it by (`revisions[1].revision`, `helpful_samples[0]`).
+    """
+    if record["kind"] == "helpful":
+        samples = record.get("helpful_samples")
+        if samples is None:  # a record from before helpfulness samples: its one answer
+            return [(None, "final_response", record["final_response"])]
+        _require_strings(path, record, "helpful_samples", samples)
+        return [(None, f"helpful_samples[{index}]", text) for index, text in enumerate(samples)]
+    revisions = record.get("revisions", [])
+    texts = [revision.get("revision") if isinstance(revision, dict) else None for revision in revisions]
+    _require_strings(path, record, "revisions", texts if isinstance(revisions, list) else None)
+    if targets == "final":
+        final = record["final_response"]
+        # The round the critique stage took it from: the latest unflagged revision, else the initial answer.
+        positions = [p for p, text in enumerate(texts) if _usable(record, f"revisions[{p}].revision", text)]
+        round_ = next((p + 1 for p in reversed(positions) if texts[p] == final), 0)
+        return [(round_, "final_response", final)]
+    return [(position + 1, f"revisions[{position}].revision", text) for position, text in enumerate(texts)]
+
+
+def _require_strings(path: Path, record: dict[str, Any], field: str, texts: Any) -> None:
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        detail = "a list of {principle_id, critique, revision}" if field == "revisions" else "a list of strings"
+        raise UserError(f"{path}: record {record['id']!r}: field {field!r}: expected {detail}")
+
+
+def _usable(record: dict[str, Any], field: str, text: str) -> bool:
+    """Not flagged by the critique stage (degenerate, copied few-shot) and not empty."""
+    return bool(text.strip()) and not any(flag.rsplit(":", 1)[0] == field for flag in record["flags"])
+
+
+def _example(record: dict[str, Any], response: str, eos_token: str) -> Example:
     """The paper's plain transcript up to "Assistant:" and the response the model should write."""
     # The leading space belongs to the completion: at inference the model writes it after the colon.
     prompt = render_plain(conversation(record), "assistant")
-    return Example(prompt, " " + record["final_response"].strip() + eos_token, record["kind"])
+    return Example(prompt, " " + response + eos_token, record["kind"])
 
 
 def _subsample(helpful: list[Example], red_team: int, fraction: float | None, rng: random.Random) -> list[Example]:
-    """Helpfulness examples so they make up `fraction` of the mix (None: all of them).
+    """Helpfulness examples so they make up `fraction` of all examples (None: all of them).
 
-    With r red-team examples, h helpful ones give a share h / (r + h) = f when h = f r / (1 - f);
-    capped by how many there are.
+    Counted in examples, not prompts (the paper's SL data: 4 revisions per red-team prompt, 2
+    samples per helpfulness prompt). With r red-team examples, h helpful ones give a share
+    h / (r + h) = f when h = f r / (1 - f); capped by how many there are.
     """
     if fraction is None:
         return helpful
@@ -189,8 +263,11 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, base_model: Mod
     """Fine-tune the base model on the critiques, resuming from the last checkpoint if any.
 
     Returns:
-        Counts for the manifest: examples, red_team, helpful, skipped_degenerate, dropped_too_long,
-        steps, train_loss, train_tokens_per_s.
+        Counts for the manifest: those of `load_examples` (examples by kind and round, skipped ones)
+        and those of `train` (dropped_too_long, steps, train_loss, train_tokens_per_s, ...).
+
+    Raises:
+        UserError: bad critiques (see `load_examples`), before anything is trained or written.
     """
     output = run_dir.path("sl_cai")
     critiques = run_dir.path("critiques")
@@ -202,13 +279,16 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, base_model: Mod
     tokenizer = load_tokenizer(base_model, config.training.trust_remote_code)
     examples, counts = load_examples(critiques, settings, config.seed, tokenizer.eos_token)
     if not examples:
-        raise UserError(f"{critiques}: no usable records (every final_response is empty)")
+        raise UserError(f"{critiques}: no usable records (every revision and answer is empty or flagged)")
     log.info(
-        "sl: %d examples (%d red-team, %d helpful), %d degenerate records skipped",
+        "sl: %d examples (%d red-team by round %s, %d helpful); skipped %d records, %d revisions, %d helpful samples",
         counts["examples"],
-        counts["red_team"],
-        counts["helpful"],
+        counts["examples_red_team"],
+        counts["examples_by_round"],
+        counts["examples_helpful"],
         counts["skipped_degenerate"],
+        counts["skipped_revisions"],
+        counts["skipped_helpful_samples"],
     )
     checkpoints = run_dir.checkpoints(NAME)
     trainer, summary = train(config.training, settings, config.seed, base_model, tokenizer, examples, checkpoints)
