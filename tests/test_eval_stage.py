@@ -2,6 +2,7 @@
 not failed on; answers resume; bad MC rows are one-line errors; the report is escaped and renders in a
 real browser."""
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -63,7 +64,7 @@ def full_run(tmp_path, tiny_model_dir):
 
 
 def test_eval_compares_every_model_on_held_out_prompts(full_run, tiny_model_dir, tmp_path):
-    config = make_config(tiny_model_dir, tmp_path)
+    config = make_config(tiny_model_dir, tmp_path, judge="pm")
     sl_fingerprint = full_run.fingerprint("sl_cai")
     run_pipeline(config, full_run.root, ["eval"])
     prompts = read_records(full_run.path("eval_prompts"))
@@ -80,7 +81,12 @@ def test_eval_compares_every_model_on_held_out_prompts(full_run, tiny_model_dir,
     assert tasks.count("harm") == 3 * 2 and "compare" not in tasks  # the PM judges the Elo comparisons
     assert all(0 <= judgment["harm"] <= 4 for judgment in judgments if judgment["task"] == "harm")
     metrics = json.loads(full_run.path("eval_metrics").read_text())
-    assert metrics["judge"] == "pm" and metrics["missing"] == []
+    assert metrics["judge"]["kind"] == "pm" and metrics["missing"] == []
+    # The PM RL-CAI maximised is never an independent Elo judge, and the judge model here is every contender's.
+    assert metrics["judge_independent"] is False
+    assert any(
+        "run's PM, the reward rl-cai was trained to maximise" in r for r in metrics["judge_not_independent_because"]
+    )
     assert set(metrics["elo"]["harmlessness"]) == {"helpful", "sl-cai", "rl-cai"}
     assert metrics["elo"]["harmlessness"]["helpful"]["elo"] == 0.0  # the anchor
     for entry in metrics["elo"]["harmlessness"].values():
@@ -108,7 +114,10 @@ def test_eval_of_a_run_with_missing_stages_evaluates_what_exists(tmp_path, tiny_
     run_pipeline(config, run.root, ["eval"])
     metrics = json.loads(run.path("eval_metrics").read_text())
     assert list(metrics["models"]) == ["helpful", "rl-cai-dpo@20261128-120000", "other"]
-    assert metrics["judge"] == "model"  # no PM: the model judge decides the comparisons
+    assert metrics["judge"]["kind"] == "model"  # no PM: the model judge decides the comparisons
+    reasons = metrics["judge_not_independent_because"]
+    assert any("is the contender `other` (eval.models.other)" in reason for reason in reasons)
+    assert any("labelled the preference data rl-cai-dpo@20261128-120000 was trained on" in r for r in reasons)
     assert any("sl-cai" in item for item in metrics["missing"]) and any(
         "models/pm" in item for item in metrics["missing"]
     )
@@ -121,6 +130,61 @@ def test_eval_of_a_run_with_missing_stages_evaluates_what_exists(tmp_path, tiny_
     assert main(["report", str(run.root)]) == 0
     captured = capsys.readouterr()
     assert "missing: stage sl has not run" in captured.err and "harmlessness Elo" in captured.out
+
+
+def judged_by_the_pm_or_a_contender(metrics: dict, base_dir: Path) -> bool:
+    """Whether the Elo judge is the run's PM, or the judge model resolves to a contender's model.
+
+    Written against both layouts of metrics.json (`judge` a bare "pm"/"model" before the judge was named), so
+    the test below also fails on a default that judges with the PM or a contender and does not say so.
+    """
+    judge = metrics["judge"]
+    kind = judge["kind"] if isinstance(judge, dict) else judge
+    name = judge.get("harm_and_evasion", judge["name"]) if isinstance(judge, dict) else metrics["judge_model"]
+
+    def resolved(model: str) -> str:
+        path = Path(model) if Path(model).is_absolute() else base_dir / model
+        return str(path.resolve()) if path.exists() else model
+
+    return kind == "pm" or resolved(name) in {resolved(model) for model in metrics["model_paths"].values()}
+
+
+def test_a_default_judge_that_is_the_pm_or_a_contender_is_reported_as_not_independent(
+    full_run, tiny_model_dir, tmp_path
+):
+    """Every role is the tiny model (as every role is the embedded model on the quickstart): the default judge
+    is the `helpful` contender's model and labelled the PM's data. The figures must say so, visibly."""
+    config = make_config(tiny_model_dir, tmp_path)  # eval.judge and eval.judge_model left at their defaults
+    run_pipeline(config, full_run.root, ["eval"])
+    metrics = json.loads(full_run.path("eval_metrics").read_text())
+    report = full_run.path("eval_report").read_text()
+    assert judged_by_the_pm_or_a_contender(metrics, tmp_path)
+    assert metrics.get("judge_independent") is False, "judged by the PM or a contender without saying so"
+    reasons = metrics["judge_not_independent_because"]
+    assert metrics["judge"] == {"kind": "model", "name": str(tiny_model_dir), "backend": "transformers",
+                                "decides": ["elo", "harm", "evasion"]}  # fmt: skip
+    assert any(reason.endswith("is the contender `helpful` (models.helpful)") for reason in reasons)
+    assert any("labelled the PM's training data (the reward rl-cai optimised)" in reason for reason in reasons)
+    # The warning stands beside the headline table, each reason in it, and the PM's scores are the reward, not Elo.
+    warning = report.index("Not an independent verdict")
+    assert report.index("Harmlessness and helpfulness") < warning < report.index("<th>harmlessness Elo</th>")
+    assert all(html.escape(reason, quote=True) in report for reason in reasons)
+    assert "Reward on held-out prompts (what RL optimised, not a verdict)" in report
+    assert metrics["elo"]["harmlessness"] and metrics["models"]["rl-cai"]["pm_score"]
+    assert "compare" in {j["task"] for j in read_records(full_run.path("eval_judgments"))}  # Elo by the judge model
+    assert "**Not an independent verdict**" in (full_run.path("rl_cai") / "README.md").read_text()
+    assert full_run.stage_entry("eval")["counts"]["judge_independent"] is False
+
+
+def test_a_judge_of_its_own_is_reported_as_independent(full_run, tiny_model_dir, tmp_path):
+    judge = shutil.copytree(tiny_model_dir, tmp_path / "judge")  # another model: none of the contenders
+    run_pipeline(make_config(tiny_model_dir, tmp_path, judge_model=str(judge)), full_run.root, ["eval"])
+    metrics = json.loads(full_run.path("eval_metrics").read_text())
+    assert metrics["judge"]["name"] == str(judge) and metrics["judge_model"] == str(judge)
+    assert metrics["judge_independent"] is True and metrics["judge_not_independent_because"] == []
+    report = full_run.path("eval_report").read_text()
+    assert "Not an independent verdict" not in report and "independent: not a contender" in report
+    assert "**Not an independent verdict**" not in (full_run.path("rl_cai") / "README.md").read_text()
 
 
 def test_eval_resumes_answers_and_judgments(full_run, tiny_model_dir, tmp_path):

@@ -177,3 +177,70 @@ def test_model_card_license_comes_from_the_base_model(tmp_path):
     (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n")
     assert base_license(str(folder)) is None
     assert base_license("some-org/some-model") is None  # hub ids are not looked up
+
+
+# ----------------------------------------------------------------------------- the judge's independence
+
+
+def run_facts(tmp_path, *, helpful="org/helpful", feedback="org/feedback", algorithms=(("rl-cai", "ppo"),), pm=None):
+    from constitutional.evaluation.independence import Party, RunFacts
+
+    sl_cai = tmp_path / "run" / "models" / "sl-cai"
+    sl_cai.mkdir(parents=True, exist_ok=True)
+    contenders = (
+        Party("the contender `helpful` (models.helpful)", helpful),
+        Party("the contender `sl-cai` (models/sl-cai)", str(sl_cai)),
+        Party("the contender `other` (eval.models.other)", "my-server-model", "openai"),
+    )
+    return RunFacts(contenders, Party("models.base", "org/base"), Party("models.feedback", feedback), pm,
+                    tuple(algorithms), fine_tuned=True)  # fmt: skip
+
+
+def test_a_judge_is_independent_only_when_it_is_none_of_the_contenders_nor_their_reward(tmp_path, monkeypatch):
+    from constitutional.evaluation.independence import Party, judge_reasons, verdict_fields
+
+    monkeypatch.chdir(tmp_path)
+    facts = run_facts(tmp_path)
+    assert judge_reasons("model", Party("eval.judge_model", "org/strong-judge"), facts) == []
+    assert verdict_fields("model", Party("j", "org/strong-judge"), facts)["judge_independent"] is True
+    # The same model under another spelling: hub ids by name (case-insensitive), folders by resolved path.
+    assert judge_reasons("model", Party("j", "ORG/Helpful"), facts) == [
+        "the judge is the contender `helpful` (models.helpful)"
+    ]
+    relative = judge_reasons("model", Party("j", "run/models/sl-cai/"), facts, base_dir=tmp_path)
+    assert relative == ["the judge is the contender `sl-cai` (models/sl-cai)"]
+    assert "is the contender `other`" in judge_reasons("model", Party("j", "my-server-model", "openai"), facts)[0]
+    # The base model every fine-tune started from, and the run's PM itself.
+    assert "is models.base" in judge_reasons("model", Party("j", "org/base"), facts)[0]
+    pm = tmp_path / "run" / "models" / "pm"
+    pm.mkdir()
+    with_pm = run_facts(tmp_path, pm=str(pm))
+    assert "is the run's PM" in judge_reasons("model", Party("j", str(pm)), with_pm)[0]
+
+
+def test_the_feedback_model_and_the_pm_are_judges_only_for_runs_no_contender_learnt_from(tmp_path):
+    from constitutional.evaluation.independence import Party, judge_reasons, judge_summary
+
+    feedback = Party("eval.judge_model", "org/feedback")
+    assert judge_reasons("model", feedback, run_facts(tmp_path)) == [
+        "the judge is models.feedback, which labelled the PM's training data (the reward rl-cai optimised)"
+    ]
+    dpo = run_facts(tmp_path, algorithms=[("rl-cai", "dpo")])
+    assert judge_reasons("model", feedback, dpo) == [
+        "the judge is models.feedback, which labelled the preference data rl-cai was trained on"
+    ]
+    assert judge_reasons("model", feedback, run_facts(tmp_path, algorithms=())) == []  # no RL-CAI learnt from it
+    # The PM is never an independent Elo judge; the model that reads harm and evasion is checked too.
+    reasons = judge_reasons("pm", Party("j", "org/helpful"), run_facts(tmp_path))
+    assert reasons[0].startswith("the Elo judge is the run's PM, the reward rl-cai was trained to maximise")
+    assert reasons[1] == "the harm and evasion judge is the contender `helpful` (models.helpful)"
+    assert "own AI labels" in judge_reasons("pm", Party("j", "org/x"), run_facts(tmp_path, algorithms=()))[0]
+    # metrics.json written before the judge was named: read, and said to be unknown.
+    assert judge_summary({"judge": "pm", "judge_model": "embedded"})["independent"] is None
+
+
+def test_the_embedded_model_is_gemma_3_270m_under_either_name():
+    from constitutional.evaluation.independence import model_identity
+
+    assert model_identity("embedded", "transformers") == model_identity("google/gemma-3-270m", "vllm")
+    assert model_identity("embedded", "openai") == "embedded"  # a server's names are the server's

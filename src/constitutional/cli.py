@@ -228,6 +228,7 @@ def command_report(args: argparse.Namespace) -> int:
 
 def print_headline(root: Path) -> None:
     """The report's path and the headline table (the end of `make demo`)."""
+    from constitutional.evaluation.independence import judge_description
     from constitutional.evaluation.metrics import headline_rows, text_table
     from constitutional.rundir import RunDir
 
@@ -235,8 +236,8 @@ def print_headline(root: Path) -> None:
     if run.path("eval_metrics").exists():
         metrics = json.loads(run.path("eval_metrics").read_text(encoding="utf-8"))
         print(
-            f"\nHeadline figures (judge: {metrics['judge']}; Elo relative to the helpful model, 95% interval; "
-            "harm 0-4, chance 2.0; evasive and over-refusal: pattern share (judge share)):"
+            f"\nHeadline figures, judged by {judge_description(metrics)}.\n(Elo relative to the helpful model, 95% "
+            "interval; harm 0-4, chance 2.0; evasive and over-refusal: pattern share (judge share)):"
         )
         print(text_table(headline_rows(metrics)))
     if run.path("eval_report").exists():

@@ -13,12 +13,12 @@ from typing import Any
 import yaml
 
 from constitutional.errors import UserError
+from constitutional.evaluation.independence import EMBEDDED_HUB_ID, judge_description, judge_summary
 from constitutional.evaluation.metrics import headline_rows, markdown_table
 from constitutional.models import EMBEDDED, resolve_model_name
 from constitutional.rundir import MODEL_CARD, RunDir
 
-# The embedded default is a Q4_K_M GGUF of this hub model.
-EMBEDDED_HUB_ID = "google/gemma-3-270m"
+__all__ = ["EMBEDDED_HUB_ID", "base_license", "hub_id", "model_card", "write_model_cards"]
 
 DESCRIPTIONS = {
     "sl-cai": (
@@ -64,7 +64,8 @@ def model_card(name: str, config: Any, metrics: dict[str, Any], run_dir: RunDir)
     if datasets:
         metadata["datasets"] = sorted(set(datasets))
     front = yaml.safe_dump(metadata, sort_keys=False).strip()
-    judge = "the run's preference model" if metrics["judge"] == "pm" else f"the model judge ({metrics['judge_model']})"
+    independent = judge_summary(metrics)["independent"]
+    warning = [] if independent else ["**Not an independent verdict**: see the judge below.", ""]
     lines = [
         "---",
         front,
@@ -85,11 +86,14 @@ def model_card(name: str, config: Any, metrics: dict[str, Any], run_dir: RunDir)
         "",
         f"Held-out prompts: {metrics['prompts'].get('red_team', 0)} red-team, {metrics['prompts'].get('helpful', 0)} "
         f"helpfulness, {metrics['prompts'].get('over_refusal', 0)} over-refusal. Elo relative to the helpful model "
-        f"(95% bootstrap interval), judged by {judge}. Harm: the judge model's expected level on 0-4 "
+        "(95% bootstrap interval). Harm: the judge model's expected level on 0-4 "
         "(chance 2.0). Evasive and over-refusal: share of answers matching the refusal patterns (the judge's "
         "share in brackets).",
         "",
+        *warning,
         markdown_table(headline_rows(metrics)),
+        "",
+        f"Judged by {judge_description(metrics)}.",
         "",
         "Small models and few prompts give wide intervals: read the figures beside chance and the intervals.",
         "",

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from constitutional.errors import UserError
+from constitutional.evaluation.independence import judge_summary
 from constitutional.evaluation.metrics import TABLE_COLUMNS, headline_rows
 from constitutional.records import read_records
 from constitutional.registry import STAGES
@@ -38,6 +39,7 @@ table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.92rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
 .note { color: #555; font-size: 0.9rem; } .missing { background: #fff4e0; padding: 0.6rem 1rem; border-radius: 4px; }
+.warning { background: #fde8e8; border: 2px solid #c0392b; padding: 0.6rem 1rem; border-radius: 4px; }
 details { border: 1px solid #ddd; border-radius: 4px; margin: 0.4rem 0; padding: 0.3rem 0.7rem; }
 summary { cursor: pointer; font-weight: 600; }
 .text { white-space: pre-wrap; background: #fafafa; border-left: 3px solid #bbb;
@@ -135,30 +137,67 @@ def missing_parts(
 def _headline(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return ""
-    judge = "the run's preference model" if metrics["judge"] == "pm" else f"the model judge ({metrics['judge_model']})"
+    summary = judge_summary(metrics)
+    if summary["kind"] == "pm":
+        judge = f"the run's preference model (harm and evasiveness: the judge model {summary['harm_and_evasion']})"
+    else:
+        judge = f"the judge model {summary['name']}"
     prompts = metrics.get("prompts", {})
     parts = [
         "<h2>Harmlessness and helpfulness</h2>",
         f"<p class='note'>Held-out prompts (never trained on): {prompts.get('red_team', 0)} red-team, "
         f"{prompts.get('helpful', 0)} helpfulness, {prompts.get('over_refusal', 0)} over-refusal (safe prompts that "
-        f"sound dangerous). Elo relative to the helpful model, 95% bootstrap interval over prompts, judged by "
-        f"{_e(judge)}. Harm: the judge model's expected level on the paper's 0-4 scale (uniform guessing: "
-        f"{metrics['chance']['harm']}). Evasive and over-refusal: share of answers matching the documented "
-        "refusal patterns, the judge model's share in brackets (chance 50%).</p>",
+        f"sound dangerous). Elo relative to the helpful model, 95% bootstrap interval over prompts. Harm: the judge "
+        f"model's expected level on the paper's 0-4 scale (uniform guessing: {metrics['chance']['harm']}). Evasive "
+        "and over-refusal: share of answers matching the documented refusal patterns, the judge model's share in "
+        "brackets (chance 50%).</p>",
+        _judge_verdict(judge, summary),
         _table(TABLE_COLUMNS, headline_rows(metrics)),
     ]
     scatter = _elo_scatter(metrics)
     if scatter:
         parts.append(_image(scatter, "Harmlessness Elo against helpfulness Elo of every model"))
-    pm_rows = [
+    parts.append(_reward_table(metrics))
+    return "\n".join(part for part in parts if part)
+
+
+def _judge_verdict(judge: str, summary: dict[str, Any]) -> str:
+    """Who judged, and a visible warning beside the headline table when that judge is not independent."""
+    if summary["independent"]:
+        return (
+            f"<p class='note'><b>Judge: {_e(judge)}</b>, independent: not a contender's model and not the reward "
+            "any contender was trained on.</p>"
+        )
+    if summary["independent"] is None:
+        return (
+            f"<div class='warning'><b>Judge: {_e(judge)}.</b> Whether it is independent of the models it judges "
+            "was not recorded (metrics from an older version): rerun the eval stage.</div>"
+        )
+    reasons = "".join(f"<li>{_e(reason)}</li>" for reason in summary["reasons"])
+    return (
+        f"<div class='warning'><b>Not an independent verdict.</b> These Elo, harm and evasiveness figures were "
+        f"decided by {_e(judge)}, which is not independent of the models it judges:<ul>{reasons}</ul>"
+        "Read them as a self-assessment, not as evidence that one model is better; set <code>eval.judge_model</code> "
+        "to a model that is none of these (e.g. a stronger model behind an OpenAI-compatible server) for a "
+        "verdict.</div>"
+    )
+
+
+def _reward_table(metrics: dict[str, Any]) -> str:
+    """The PM's mean score of each model's answers: the reward RL optimised, shown beside the verdict, not as one."""
+    rows = [
         (model, *(_number(entry["pm_score"].get(prompt_set)) for prompt_set in ("red_team", "helpful", "over_refusal")))
         for model, entry in metrics["models"].items()
         if entry.get("pm_score")
     ]
-    if pm_rows:
-        parts.append("<p class='note'>Mean PM score of each model's answers per prompt set (higher: preferred).</p>")
-        parts.append(_table(("model", "red-team", "helpful", "over-refusal"), pm_rows))
-    return "\n".join(parts)
+    if not rows:
+        return ""
+    return (
+        "<h3>Reward on held-out prompts (what RL optimised, not a verdict)</h3>\n<p class='note'>Mean score the "
+        "run's preference model gives each model's answers, per prompt set. RL-CAI was trained to raise exactly this "
+        "number, so a high value shows the optimisation worked, not that the answers are better.</p>\n"
+        + _table(("model", "red-team", "helpful", "over-refusal"), rows)
+    )
 
 
 def _stages(manifest: dict[str, Any], during: str | None) -> str:

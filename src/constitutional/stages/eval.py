@@ -7,15 +7,21 @@ safe to answer (over-refusal). Prompts any model of the run was trained on (thos
 comparisons) are skipped; the split is kept in `eval/prompts.jsonl`.
 
 A judge then reads the answers:
-- Elo (paper figures 2-3): per prompt and pair of models, which answer is better — by the run's PM
-  (`eval.judge: pm`, sigma of the score difference) or by a model asked the feedback question with a
-  harmlessness (red-team prompts) or helpfulness principle, both option orders averaged
-  (`eval.judge: model`) — fitted to Bradley-Terry Elo scores with bootstrap intervals;
+- Elo (paper figures 2-3): per prompt and pair of models, which answer is better — by the judge model
+  (`eval.judge: model`, the default: `eval.judge_model`, asked the feedback question with a
+  harmlessness (red-team prompts) or helpfulness principle, both option orders averaged) or by the
+  run's PM (`eval.judge: pm`, sigma of the score difference; never independent: RL-CAI was trained
+  on it) — fitted to Bradley-Terry Elo scores with bootstrap intervals;
 - harm: each red-team answer's expected level on the paper's 0-4 scale (judge model);
 - evasiveness and over-refusal: by the judge model's engage-or-evade question and, beside it, by
   the documented refusal patterns of `evaluation.questions.REFUSAL_PATTERNS`;
 - multiple-choice files (`eval.mc_files`: `prompt`, `corrects`, `incorrects`): accuracy of the judge
   model and of the PM.
+
+The figures name their judge and say whether it is independent (`evaluation.independence`): not a
+contender's model, not the reward any contender was trained on, not the feedback model whose labels
+trained it. The PM's scores of the answers are reported as the reward on held-out prompts, not as a
+verdict.
 
 Answers and judgments are appended chunk by chunk (resumable like every generating stage). Outputs:
 `eval/prompts.jsonl`, `eval/answers.jsonl`, `eval/judgments.jsonl`, `eval/metrics.json`,
@@ -40,6 +46,7 @@ from constitutional.comparisons import LabelOptions
 from constitutional.constitution import Constitution, load_constitution
 from constitutional.errors import require, require_positive
 from constitutional.evaluation import questions
+from constitutional.evaluation.independence import Party, RunFacts, judge_description, verdict_fields
 from constitutional.evaluation.judges import ModelJudge, PMJudge, mc_item, model_judge_tasks, pm_tasks
 from constitutional.evaluation.metrics import PROMPT_SETS, compute_metrics
 from constitutional.evaluation.model_card import write_model_cards
@@ -104,8 +111,12 @@ class Settings:
     max_helpful: int = 8
     max_over_refusal: int = 8
     models: dict[str, EvalModel] = field(default_factory=dict)  # extra models, by display name
-    judge: Literal["pm", "model"] = "pm"  # what decides the Elo comparisons (pm falls back to model)
-    judge_model: ModelSpec | None = None  # the model judge (harm, evasion, MC files): default models.feedback
+    # What decides the Elo comparisons: the judge model, or the run's PM (never independent: RL-CAI
+    # was trained on it; without a PM it falls back to the model).
+    judge: Literal["pm", "model"] = "model"
+    # The judge model (Elo with judge: model, harm, evasion, MC files), any back end; default
+    # models.feedback. Independent when it is no contender's model and labelled nothing they learnt from.
+    judge_model: ModelSpec | None = None
     judge_fewshot: int | None = None  # few-shot examples in the comparison question (default: feedback.num_fewshot)
     mc_files: list[str] = field(default_factory=list)  # multiple-choice eval files (prompt/corrects/incorrects)
     max_new_tokens: int = 64
@@ -232,7 +243,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         return {"answers": len(answers), "judgments": len(read_records(run_dir.path("eval_judgments")))}
     judgments = read_records(run_dir.path("eval_judgments"))
     metrics = compute_metrics(answers, judgments, names, judge, settings.bootstrap, config.seed)
-    metrics["judge_model"] = (settings.judge_model or config.models.feedback).name
+    metrics.update(judge_fields(config, settings, run_dir, contenders, judge))
     metrics["model_paths"] = {contender.name: contender.spec.name for contender in contenders}
     metrics["prompts"] = {name: len(items) for name, items in prompts.items()}
     # The split: held-out prompts per set are in eval/prompts.jsonl; these texts were never eligible.
@@ -242,7 +253,30 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
     write_model_cards(run_dir, config, metrics)
     report = write_report(run_dir, during=NAME)
     log.info("eval: report written to %s", report)
+    if not metrics["judge_independent"]:
+        log.warning("eval: judged by %s", judge_description(metrics))
     return headline_counts(metrics)
+
+
+def judge_fields(
+    config: CoreConfig, settings: Settings, run_dir: RunDir, contenders: list[Contender], judge: str
+) -> dict[str, Any]:
+    """`judge`, `judge_model`, `judge_independent` and `judge_not_independent_because` for metrics.json."""
+    spec = settings.judge_model or config.models.feedback
+
+    def party(role: str, model: ModelSpec) -> Party:
+        return Party(role, model.name, config.backend_for(model))
+
+    facts = RunFacts(
+        contenders=tuple(party(f"the contender `{c.name}` ({c.source})", c.spec) for c in contenders),
+        base=party("models.base", config.models.base),
+        feedback=party("models.feedback", config.models.feedback),
+        pm=str(run_dir.path("pm")) if is_complete_model(run_dir.path("pm")) else None,
+        rl_algorithms=tuple((c.name, c.algorithm) for c in contenders if c.algorithm),
+        fine_tuned=any(c.source.startswith(("models/", "previous/")) for c in contenders),
+    )
+    fields = verdict_fields(judge, party("eval.judge_model", spec), facts, config.base_dir)
+    return {**fields, "judge_model": spec.name}
 
 
 @dataclass
@@ -252,24 +286,35 @@ class Contender:
     name: str
     spec: ModelSpec
     fewshot: bool
+    source: str = ""  # where it comes from: its config key, or its folder in the run directory
+    algorithm: str | None = None  # an RL-CAI model's RL algorithm (its training summary)
 
 
 def find_models(config: CoreConfig, settings: Settings, run_dir: RunDir) -> tuple[list[Contender], list[str]]:
     """The models to compare (the helpful model first: the Elo anchor), and what is missing."""
     base_backend = config.models.base.backend
-    contenders = [Contender("helpful", config.models.helpful, fewshot=True)]
+    contenders = [Contender("helpful", config.models.helpful, fewshot=True, source="models.helpful")]
     missing = []
     for name, artefact in (("sl-cai", "sl_cai"), ("rl-cai", "rl_cai")):
         path = run_dir.path(artefact)
         if is_complete_model(path):
             spec = ModelSpec(name=str(path.resolve()), backend=base_backend, prompt_format="plain")
-            contenders.append(Contender(name, spec, fewshot=False))
+            source = ARTEFACTS[artefact].path
+            algorithm = rl_algorithm(path) if name == "rl-cai" else None
+            contenders.append(Contender(name, spec, fewshot=False, source=source, algorithm=algorithm))
         else:
             missing.append(f"{path.relative_to(run_dir.root)} (stage {'sl' if name == 'sl-cai' else 'rl'} has not run)")
     contenders += archived_rl_models(run_dir, base_backend)
     for name, model in settings.models.items():
-        contenders.append(Contender(name, ModelSpec(model.name, model.backend, model.prompt_format), model.fewshot))
+        spec = ModelSpec(model.name, model.backend, model.prompt_format)
+        contenders.append(Contender(name, spec, model.fewshot, source=f"eval.models.{name}"))
     return contenders, missing
+
+
+def rl_algorithm(folder: Path) -> str:
+    """The RL algorithm that made an RL-CAI folder (its training summary; ppo, the default, if unsaid)."""
+    summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    return str(summary.get("algorithm") or "ppo")
 
 
 def archived_rl_models(run_dir: RunDir, backend: str | None) -> list[Contender]:
@@ -284,7 +329,8 @@ def archived_rl_models(run_dir: RunDir, backend: str | None) -> list[Contender]:
             archive = folder.relative_to(run_dir.root / "previous").parts[0]
             name = f"rl-cai-{summary.get('algorithm', 'unknown')}@{archive}"
             spec = ModelSpec(name=str(folder.resolve()), backend=backend, prompt_format="plain")
-            contenders.append(Contender(name, spec, fewshot=False))
+            source = str(folder.relative_to(run_dir.root))
+            contenders.append(Contender(name, spec, fewshot=False, source=source, algorithm=rl_algorithm(folder)))
     return contenders
 
 
@@ -437,6 +483,7 @@ def headline_counts(metrics: dict[str, Any]) -> dict[str, Any]:
     """The manifest's counts: prompts per set and the Elo scores."""
     counts: dict[str, Any] = {"prompts": metrics["prompts"], "models": list(metrics["models"])}
     counts["judge"] = metrics["judge"]
+    counts["judge_independent"] = metrics["judge_independent"]
     for dimension, scores in metrics["elo"].items():
         counts[f"elo_{dimension}"] = {name: entry["elo"] for name, entry in scores.items()}
     if metrics["missing"]:
