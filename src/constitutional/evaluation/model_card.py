@@ -22,8 +22,9 @@ __all__ = ["EMBEDDED_HUB_ID", "base_license", "hub_id", "model_card", "write_mod
 
 DESCRIPTIONS = {
     "sl-cai": (
-        "SL-CAI (Bai et al. 2022, step 4): the pretrained model fine-tuned on the final revisions of "
-        "critique-revision chains written against a constitution, plus helpful answers."
+        "SL-CAI (Bai et al. 2022, step 4): the pretrained model fine-tuned on the revisions of "
+        "critique-revision chains written against a constitution (every round's, unless sl.targets: final), "
+        "plus sampled helpful answers."
     ),
     "rl-cai": (
         "RL-CAI (Bai et al. 2022, step 9): SL-CAI trained with reinforcement learning against a "

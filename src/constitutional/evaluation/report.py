@@ -311,14 +311,14 @@ def _critique_samples(run_dir: RunDir) -> str:
                 parts.append(f"<div class='note'>{_e(text)}</div>")
             parts.append(_labelled("critique", step.get("critique", "")))
             parts.append(_labelled("revision", step.get("revision", "")))
-        parts.append(_labelled("final response (SL-CAI training target)", record.get("final_response", "")))
+        parts.append(_labelled("final response", record.get("final_response", "")))
         if record.get("flags"):
             parts.append(f"<div class='note'>flags: {_e(', '.join(record['flags']))}</div>")
         blocks.append(f"<details><summary>{_e(record.get('prompt', ''))}</summary>{''.join(parts)}</details>")
     return (
         "<h2>Critique and revision samples</h2>\n<p class='note'>Red-team prompts of the training data: the helpful "
-        "model's first answer, each critique and revision with its principle, and the final revision.</p>\n"
-        + "\n".join(blocks)
+        "model's first answer, each critique and revision with its principle (SL-CAI trains on every "
+        "unflagged revision unless sl.targets: final), and the final response.</p>\n" + "\n".join(blocks)
     )
 
 
