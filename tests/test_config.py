@@ -99,3 +99,11 @@ def test_resolved_config_round_trips():
     again = config_from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
     assert isinstance(again, Config)
+
+
+def test_a_nested_section_given_in_part_keeps_its_stage_defaults():
+    """rl.lora is on by default: setting its rank alone must not switch it off."""
+    assert config_from_dict({"rl": {"lora": {"r": 4}}}).rl.lora.enabled
+    assert config_from_dict({"rl": {"lora": {"r": 4}}}).rl.lora.r == 4
+    assert not config_from_dict({"rl": {"lora": {"enabled": False}}}).rl.lora.enabled
+    assert not config_from_dict({"sl": {"lora": {"r": 4}}}).sl.lora.enabled  # sl's default is off

@@ -210,10 +210,29 @@ def build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}{unknown[0]}"
         raise UserError(f"unknown config key {key!r}: expected one of {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
+    data = {name: _over_default(fields[name], value) for name, value in data.items()}
     section = cls(**{name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()})
     if hasattr(section, "validate"):
         section.validate()
     return section
+
+
+def _over_default(item: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a nested section whose default is not its class's default, laid over that default.
+
+    `rl.lora` defaults to `LoraSettings(enabled=True)`: YAML `lora: {r: 8}` means "rank 8", not
+    "rank 8 and LoRA off" (which building `LoraSettings(r=8)` from scratch would give).
+    """
+    factory = item.default_factory
+    if not isinstance(value, dict) or factory is dataclasses.MISSING:
+        return value
+    default = factory()
+    if not dataclasses.is_dataclass(default) or default == type(default)():
+        return value
+    changed = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    changed = {name: v for name, v in changed.items() if v != getattr(type(default)(), name)}
+    as_data = {name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for name, v in changed.items()}
+    return {**as_data, **value}
 
 
 def _convert(annotation: Any, value: Any, key: str) -> Any:
