@@ -96,9 +96,15 @@ def run_recorded(monkeypatch, config: Any, run_dir: Any) -> dict[str, set[str]]:
     return reads
 
 
-@pytest.mark.parametrize("judge", ["pm", "model"])
-def test_every_stage_reads_only_the_config_keys_it_declares(tmp_path, tiny_model_dir, monkeypatch, judge):
-    data = tiny_config_data(tiny_model_dir, tmp_path, eval={"judge": judge, "max_red_team": 2, "max_helpful": 2})
+# Stage augment off (its default: it reads nothing) and on (a few prompts of each kind).
+@pytest.mark.parametrize(("judge", "augment"), [("pm", 0), ("model", 2)])
+def test_every_stage_reads_only_the_config_keys_it_declares(tmp_path, tiny_model_dir, monkeypatch, judge, augment):
+    data = tiny_config_data(
+        tiny_model_dir,
+        tmp_path,
+        eval={"judge": judge, "max_red_team": 2, "max_helpful": 2},
+        augment={"red_team": augment, "helpful": augment, "num_fewshot": 2, "max_new_tokens": 6, "max_attempts": 1},
+    )
     config = config_from_dict(data)
     reads = run_recorded(monkeypatch, config, tmp_path / "run")
     assert set(reads) == set(STAGES)
@@ -107,6 +113,8 @@ def test_every_stage_reads_only_the_config_keys_it_declares(tmp_path, tiny_model
         name: sorted(key for key in keys if not declared(modules[name], key, config)) for name, keys in reads.items()
     }
     assert not any(undeclared.values()), f"read but not declared in CONFIG_KEYS: {undeclared}"
-    # The recorder sees what the stages read: each reads the seed, and eval the feedback few-shot count.
-    assert all("seed" in keys for keys in reads.values())
+    # The recorder sees what the stages read: each reads the seed (augment only when on: off, it reads
+    # nothing), and eval the feedback few-shot count.
+    assert all("seed" in keys for name, keys in reads.items() if name != "augment" or augment)
+    assert augment or reads["augment"] == set()
     assert "feedback.num_fewshot" in reads["eval"]

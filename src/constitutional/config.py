@@ -38,8 +38,14 @@ def stage_settings(config: Any, module: Any) -> dict[str, Any]:
     """Every config value a stage's output depends on, flattened: its section and its CONFIG_KEYS.
 
     Runtime-only fields (chunk sizes, logging) are left out: changing them never makes a stage stale.
+    A stage whose optional `active(config, settings)` says it makes nothing (stage `augment` while
+    off) depends on its own section alone.
     """
-    values = flatten(getattr(config, module.NAME), module.NAME)
+    section = getattr(config, module.NAME)
+    values = flatten(section, module.NAME)
+    active = getattr(module, "active", None)
+    if active is not None and not active(config, section):
+        return values
     for key in module.CONFIG_KEYS:
         node = config
         for part in key.split("."):

@@ -43,8 +43,10 @@ class Stage:
     shared_files: tuple[str, ...] = field(default=())
 
 
-# The paper's order, then the evaluation.
+# The paper's order, then the evaluation. `augment` (the paper's model-generated prompts) is off
+# unless asked for; not shardable: each new prompt must differ from every earlier one.
 STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("augment", {"augmented_prompts": "data/augmented_prompts.jsonl"}, record_files=("augmented_prompts",)),
     Stage("critique", {"critiques": "data/critiques.jsonl"}, record_files=("critiques",), shardable=True),
     Stage("sl", {"sl_cai": "models/sl-cai"}, trains=True),
     Stage("pairs", {"pairs": "data/pairs.jsonl"}, record_files=("pairs",), shardable=True),

@@ -124,8 +124,11 @@ def missing_parts(
 ) -> list[str]:
     """What the report cannot show, and why: stages that did not finish, parts eval could not evaluate."""
     missing = []
+    augment = (_read_yaml(run_dir.config_path) or {}).get("augment") or {}
     for stage in STAGES:
         status = manifest["stages"].get(stage, {}).get("status", "pending")
+        if stage == "augment" and not (augment.get("red_team") or augment.get("helpful")):
+            continue  # optional and off (the default): nothing is missing without it
         if status != "done" and stage != during:
             state = "has not run" if status == "pending" else f"is {status}"
             missing.append(f"stage {stage} {state}: `cai run CONFIG --stages {stage}`")

@@ -9,6 +9,8 @@ The stage contract: a stage module has
   records them, and a later run that changes one makes the stage stale;
 - `reads(config, settings) -> [artefact]`: the artefacts of the run directory it reads (names from
   `registry.ARTEFACTS`; which stage makes each is recorded there);
+- optionally `active(config, settings) -> bool`: False when the stage makes nothing (stage `augment`
+  while off); its settings are then its own section alone;
 - optionally `optional_reads(config, settings) -> [artefact]`: artefacts it uses when they exist
   (stage `eval` evaluates whatever the run has); fingerprinted like `reads`, never required;
 - `check(config, settings) -> inputs`: loads and validates everything it reads from outside the

@@ -13,6 +13,11 @@ With the generation cache, an interrupted chunk costs nothing to redo.
 Every generated turn is checked: empty or looping output, and output that copies a long span of
 a few-shot example (small base models do), is flagged and never becomes `final_response` (nor an SL
 example: `sl` skips flagged revisions and helpful samples).
+
+When stage `augment` made prompts (`data/augmented_prompts.jsonl`), each kind's are answered after
+that kind's source prompts (`data.max_*` caps the source prompts only); their records keep the
+augmented ids (`aug-rt-…`, `aug-hp-…`). With `augment.red_team` or `augment.helpful` set the file
+is required (stage `augment` must have run); either way a change to it makes this stage stale.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from constitutional.backends import Backend, SamplingParams
 from constitutional.chunks import append_in_chunks
 from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution, sample_principles
-from constitutional.errors import require, require_positive
+from constitutional.errors import UserError, require, require_positive
 from constitutional.prompts import (
     COPIED_FEWSHOT,
     STOP_STRINGS,
@@ -37,7 +43,7 @@ from constitutional.prompts import (
     render,
     trim_at_turn_marker,
 )
-from constitutional.records import read_records
+from constitutional.records import numbered_records, read_records
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
 from constitutional.seeding import seed_for
@@ -53,7 +59,12 @@ CONFIG_KEYS = (
     "data.helpful",
     "data.max_red_team",
     "data.max_helpful",
+    "augment.red_team",  # whether the augmented prompts are required (they are fingerprinted either way)
+    "augment.helpful",
 )
+# The id prefix of prompts stage `augment` wrote (`aug-rt-…`, `aug-hp-…`).
+AUGMENTED_PREFIX = "aug-"
+KINDS = ("red_team", "helpful")
 
 
 @dataclass
@@ -87,8 +98,18 @@ class Settings:
 
 
 def reads(config: CoreConfig, settings: Settings) -> list[str]:
-    """Artefacts of the run directory the stage reads: none, it starts the pipeline."""
-    return []
+    """The augmented prompts when stage `augment` is set to make some; else none (optional_reads)."""
+    return ["augmented_prompts"] if _augmenting(config) else []
+
+
+def optional_reads(config: CoreConfig, settings: Settings) -> list[str]:
+    """The augmented prompts, used when the file exists: fingerprinted, so new ones make the stage stale."""
+    return [] if _augmenting(config) else ["augmented_prompts"]
+
+
+def _augmenting(config: CoreConfig) -> bool:
+    """Whether stage `augment` is set to make prompts (then they must exist before critique runs)."""
+    return config.augment.red_team > 0 or config.augment.helpful > 0
 
 
 @dataclass
@@ -145,7 +166,9 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         Counts for the manifest.
     """
     output = run_dir.path("critiques")
-    items = [(item, "red_team") for item in inputs.red_team] + [(item, "helpful") for item in inputs.helpful]
+    augmented = augmented_prompts(run_dir.path("augmented_prompts"))
+    sources = {"red_team": inputs.red_team, "helpful": inputs.helpful}
+    items = [(item, kind) for kind in KINDS for item in sources[kind] + augmented[kind]]
 
     def process(
         backend: Backend, chunk: list[tuple[PromptItem, str]], advance: Callable[[int], Any]
@@ -175,6 +198,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "records": len(records),
         "red_team": sum(record["kind"] == "red_team" for record in records),
         "helpful": sum(record["kind"] == "helpful" for record in records),
+        "augmented": sum(record["id"].startswith(AUGMENTED_PREFIX) for record in records),
         "helpful_samples": sum(len(record.get("helpful_samples", ())) for record in records),
         "flagged": sum(bool(record["flags"]) for record in records),
         "copied_fewshot": sum(
@@ -182,6 +206,29 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "without_usable_final_response": sum(not record["final_response"] for record in records),
     }
+
+
+def augmented_prompts(path: Path) -> dict[str, list[PromptItem]]:
+    """The prompts stage `augment` wrote, by kind, in file order (none when there is no file).
+
+    Raises:
+        UserError: a record without a string `id` and a non-empty `prompt`, with another `kind`, or
+            with an id seen before, naming `file:line`.
+    """
+    found: dict[str, list[PromptItem]] = {kind: [] for kind in KINDS}
+    seen: set[str] = set()
+    for number, record in numbered_records(path):
+        where, kind = f"{path}:{number}", record.get("kind")
+        if kind not in found:
+            raise UserError(f"{where}: field 'kind': expected red_team or helpful, got {kind!r}")
+        record_id, prompt = record.get("id"), record.get("prompt")
+        if not (isinstance(record_id, str) and isinstance(prompt, str) and prompt.strip()):
+            raise UserError(f"{where}: expected a string 'id' and a non-empty string 'prompt'")
+        if record_id in seen:
+            raise UserError(f"{where}: id {record_id!r} appears twice")
+        seen.add(record_id)
+        found[kind].append(PromptItem(record_id, prompt))
+    return found
 
 
 class CritiqueWriter:
