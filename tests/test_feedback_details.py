@@ -13,7 +13,8 @@ import pytest
 from constitutional.comparisons import label_comparisons
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution, sample_principles
-from constitutional.label_diagnostics import label_diagnostics, length_bias, orders_agree, wilson_interval
+from constitutional.intervals import wilson_interval
+from constitutional.label_diagnostics import label_diagnostics, length_bias, orders_agree
 from constitutional.records import append_records, read_ai_labels, read_records
 from constitutional.rundir import RunDir
 from constitutional.stages import feedback

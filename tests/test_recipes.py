@@ -120,7 +120,7 @@ class LocalFiles:
         target = self.folder / f"{index}-{Path(name.removesuffix('.gz')).stem}{suffix}{'.gz' if gzipped else ''}"
         if path[-1] == "mc_files":
             return self._mc_file(target)
-        comparisons = path[-1] in ("human_preferences", "harmlessness_eval")
+        comparisons = path[-1] in ("human_preferences", "harmlessness_eval", "helpfulness_eval")
         if comparisons or gzipped or "hh-rlhf" in spec:
             rows = self._hh_rows(spec, path, index)
         else:
@@ -237,3 +237,8 @@ def test_recipe_runs_end_to_end_and_its_report_has_every_figure(recipe, tmp_path
     assert ("Not an independent verdict" in report) is (not metrics["judge_independent"])
     if recipe.name in INDEPENDENT_JUDGE:
         assert metrics["judge_independent"] is INDEPENDENT_JUDGE[recipe.name], reasons
+    # The PM is measured on every human file the recipe names from outside its mix, apart from its held-out rows.
+    accuracy = json.loads((run_dir / "eval" / "pm.json").read_text())["accuracy"]
+    for key, name in (("harmlessness_eval", "human_harmlessness"), ("helpfulness_eval", "helpfulness_eval")):
+        if data["pm"].get(key):
+            assert accuracy[name]["in_distribution"] is False and accuracy[name]["comparisons"] > 0, name

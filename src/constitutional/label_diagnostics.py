@@ -18,38 +18,10 @@ report can rebuild it from `data/ai_labels.jsonl` alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion.
-
-    Args:
-        successes: how many of the n trials succeeded (0 <= successes <= n).
-        n: trials, at least 1.
-        z: the normal quantile (default: a two-sided 95% interval).
-
-    Returns:
-        (low, high), within [0, 1].
-    """
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"expected 0 <= successes <= n and n >= 1, got {successes} of {n}")
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def proportion(successes: int, n: int) -> dict[str, Any]:
-    """`rate` and its 95% Wilson interval `ci95`, both null when n is 0 (nothing to measure)."""
-    if n == 0:
-        return {"rate": None, "ci95": None}
-    low, high = wilson_interval(successes, n)
-    return {"rate": round(successes / n, 4), "ci95": [round(low, 4), round(high, 4)]}
+from constitutional.intervals import proportion
 
 
 def orders_agree(readings: Sequence[dict[str, Any]]) -> bool | None:

@@ -55,7 +55,7 @@ def split_by_conversation(
     """
     held_out: set[tuple[str, str]] = set()
     for source in SOURCES:
-        keys = sorted({_conversation_key(row) for row in rows if row["source"] == source})
+        keys = sorted({conversation_key(row) for row in rows if row["source"] == source})
         if not keys:
             continue
         if len(keys) < 2:
@@ -66,12 +66,13 @@ def split_by_conversation(
         keys.sort(key=lambda key: rng_for(seed, "pm-split:" + key).random())
         wanted = min(len(keys) - 1, max(1, math.ceil(eval_fraction * len(keys))))
         held_out.update((source, key) for key in keys[:wanted])
-    train = [row for row in rows if (row["source"], _conversation_key(row)) not in held_out]
-    evaluation = [row for row in rows if (row["source"], _conversation_key(row)) in held_out]
+    train = [row for row in rows if (row["source"], conversation_key(row)) not in held_out]
+    evaluation = [row for row in rows if (row["source"], conversation_key(row)) in held_out]
     return train, evaluation
 
 
-def _conversation_key(row: dict[str, Any]) -> str:
+def conversation_key(row: dict[str, Any]) -> str:
+    """A hash of a row's conversation (history and prompt): equal for two answers to the same conversation."""
     return hashlib.sha256(json.dumps(conversation(row), ensure_ascii=False).encode()).hexdigest()
 
 

@@ -1,9 +1,11 @@
 """How well a preference model predicts held-out comparisons: accuracy and calibration.
 
 Accuracy is the share of comparisons where the PM's sigma(r_A - r_B) picks the labelled winner,
-reported beside chance and a length-only baseline (the longer answer wins). Calibration compares
-the PM's probability that A is better with the labels: the expected calibration error and a
-reliability diagram, as in the paper's PM calibration figure. Stage `pm` writes them to
+with a 95% Wilson interval, reported beside chance and a length-only baseline (the longer answer
+wins), and with how often the PM itself picks the longer answer (a PM near 1.0 there has learnt
+length, not content); `verdict` puts the comparison in words. Calibration compares the PM's
+probability that A is better with the labels: the expected calibration error and a reliability
+diagram, as in the paper's PM calibration figure. Stage `pm` writes them to
 `eval/pm.json` and `eval/pm_calibration.png`.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from constitutional.intervals import wilson_interval
 from constitutional.preference import PreferenceModel
 from constitutional.records import conversation
 
@@ -30,19 +33,49 @@ def held_out_figures(
         bins: calibration bins on [0, 1].
 
     Returns:
-        The accuracy entry (comparisons, pm, length_baseline, chance), the calibration entry (ece,
-        bins) and the points of the reliability diagram: the PM's P(A better) and the labels.
+        The accuracy entry (comparisons, pm, pm_ci95, length_baseline, chance, pm_prefers_longer),
+        the calibration entry (ece, bins) and the points of the reliability diagram: the PM's
+        P(A better) and the labels.
     """
     margins = score_margins(pm, rows)
     labels = [float(row["p_a"]) for row in rows]
     predicted = [1 / (1 + math.exp(-margin)) for margin in margins]
-    accuracy = {
+    longer = [_longer_first(row) for row in rows]
+    accuracy = agreement(predicted, labels)
+    decided = sum(label != 0.5 for label in labels)
+    entry = {
         "comparisons": len(rows),
-        "pm": round(agreement(predicted, labels), 4),
-        "length_baseline": round(agreement([_longer_first(row) for row in rows], labels), 4),
+        "pm": round(accuracy, 4),
+        "pm_ci95": [round(bound, 4) for bound in wilson_interval(accuracy * decided, decided)] if decided else None,
+        "length_baseline": round(agreement(longer, labels), 4),
         "chance": 0.5,
+        # The length baseline's question asked of the PM: a PM at 1.0 here is a length detector.
+        "pm_prefers_longer": round(agreement(predicted, longer), 4),
     }
-    return accuracy, calibration(predicted, labels, bins), (predicted, labels)
+    return entry, calibration(predicted, labels, bins), (predicted, labels)
+
+
+def verdict(entry: dict[str, Any]) -> str:
+    """Whether a PM's accuracy beats chance and the length baseline, in words, from its 95% interval.
+
+    A PM "beats" a reference when the whole interval lies above it and is "below" it when the
+    whole interval lies beneath; otherwise it is "within noise of" it.
+    """
+    if entry.get("pm_ci95") is None:
+        return "no comparison has a winner: nothing to measure"
+    low, high = entry["pm_ci95"]
+
+    def against(reference: float, name: str) -> str:
+        if low > reference:
+            return f"beats {name}"
+        if high < reference:
+            return f"is below {name}"
+        return f"is within noise of {name}"
+
+    return (
+        f"{against(entry['chance'], 'chance')} and {against(entry['length_baseline'], 'the length baseline')} "
+        f"(95% interval {low:.0%}-{high:.0%})"
+    )
 
 
 def score_margins(pm: PreferenceModel, rows: list[dict[str, Any]]) -> list[float]:

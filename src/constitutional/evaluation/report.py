@@ -24,6 +24,7 @@ import yaml
 from constitutional.errors import UserError
 from constitutional.evaluation.independence import judge_summary
 from constitutional.evaluation.metrics import TABLE_COLUMNS, headline_rows
+from constitutional.preference_eval import verdict
 from constitutional.records import read_records
 from constitutional.registry import STAGES
 from constitutional.rundir import RunDir
@@ -251,16 +252,28 @@ def _preference_model(run_dir: RunDir) -> str:
     report = _read_json(run_dir.path("pm_report"))
     if not report:
         return ""
+    accuracy = report.get("accuracy", {})
     rows = [
-        (source, entry["comparisons"], *(_pct(entry.get(key)) for key in ("pm", "length_baseline", "chance")))
-        for source, entry in report.get("accuracy", {}).items()
-    ]
+        (name, "outside the training mix" if entry.get("in_distribution") is False else "held out, in distribution",
+         entry["comparisons"], _pct(entry.get("pm")) + _interval(entry.get("pm_ci95")),
+         *(_pct(entry.get(key)) for key in ("length_baseline", "pm_prefers_longer", "chance")))
+        for name, entry in accuracy.items()
+    ]  # fmt: skip
     parts = [
         "<h2>Preference model</h2>",
-        "<p class='note'>Accuracy on held-out comparisons, beside a baseline that prefers the longer answer, "
-        "and chance.</p>",
-        _table(("source", "comparisons", "PM", "longer answer", "chance"), rows),
+        "<p class='note'>Accuracy with its 95% Wilson interval, beside preferring the longer answer and chance. "
+        "Held-out rows come from the mix's own sources: in distribution, not a test on other conversations.</p>",
+        _table(("set", "data", "comparisons", "PM [95% CI]", "longer answer", "PM picks longer", "chance"), rows),
     ]
+    outside = {name: entry for name, entry in accuracy.items() if entry.get("in_distribution") is False}
+    for name, entry in outside.items():
+        parts.append(f"<p class='note'>On {_e(name)} ({_e(entry.get('data', ''))}) the PM {_e(verdict(entry))}.</p>")
+    if "helpfulness_eval" not in outside:
+        parts.append(
+            "<p class='warning'>The PM's helpfulness was not measured on human comparisons from outside its training "
+            "mix (<code>pm.helpfulness_eval</code>). Trained on the built-in set, it has not been shown to beat chance "
+            "or the length baseline on real conversations (docs/benchmarks.md).</p>"
+        )
     calibration = run_dir.path("pm_calibration")
     if calibration.exists():
         parts.append(_image(calibration.read_bytes(), "PM calibration"))
@@ -438,6 +451,10 @@ def _number(value: float | None) -> str:
 
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    return f" [{bounds[0]:.0%}, {bounds[1]:.0%}]" if bounds else ""
 
 
 def _now() -> str:

@@ -15,9 +15,11 @@ preference model on the soft labels, and evaluate it.
    column and the loss. A classifier has no vocabulary head, so the embedded model's 262k-token
    output layer is never computed. Checkpoints go to `checkpoints/pm/`; the model is saved
    atomically to `models/pm/`.
-3. **Evaluation.** Accuracy on the held-out rows of each source (and on a human harmlessness file
-   if `pm.harmlessness_eval` names one) beside chance and a length-only baseline; calibration
-   (expected calibration error and a reliability diagram). `eval/pm.json`, `eval/pm_calibration.png`.
+3. **Evaluation.** Accuracy on the held-out rows of each source (in distribution: the same
+   sources as the training rows), and on human comparisons from outside the mix if
+   `pm.harmlessness_eval` / `pm.helpfulness_eval` name HH-RLHF files, each with a 95% interval beside
+   chance and a length-only baseline; calibration (expected calibration error and a reliability
+   diagram). `eval/pm.json`, `eval/pm_calibration.png`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ from constitutional.distributed import is_main_process, main_process_first
 from constitutional.errors import UserError, require
 from constitutional.models import ModelRef, fingerprint, load_sequence_classifier, load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel, pm_transcript
-from constitutional.preference_data import ai_row, count_by_source, human_row, mix, split_by_conversation
+from constitutional.preference_data import (
+    ai_row,
+    conversation_key,
+    count_by_source,
+    human_row,
+    mix,
+    split_by_conversation,
+)
 from constitutional.preference_eval import held_out_figures, plot_calibration
 from constitutional.preference_trainer import soft_label_trainer_class
 from constitutional.prompts import STOP_STRINGS
@@ -92,7 +101,8 @@ class _Leading:
     max_human: int | None = None  # read at most N human comparisons (None: all)
     eval_fraction: float = 0.1  # share of conversations held out per source
     harmlessness_eval: str | None = None  # an HH-RLHF harmless-format file: accuracy against human labels
-    max_eval: int | None = 500  # at most N comparisons read from harmlessness_eval
+    helpfulness_eval: str | None = None  # an HH-RLHF helpful-format file: accuracy against human labels
+    max_eval: int | None = 500  # at most N comparisons read from each of harmlessness_eval, helpfulness_eval
 
 
 @dataclass
@@ -143,6 +153,7 @@ class Inputs:
     harmlessness_eval: list[dict[str, Any]]
     init: ModelRef | None  # None: SL-CAI of this run (made by stage sl)
     constitution: Constitution | None  # for AI helpfulness labels
+    helpfulness_eval: list[dict[str, Any]] = field(default_factory=list)
 
 
 def check(config: CoreConfig, settings: Settings) -> Inputs:
@@ -157,11 +168,8 @@ def check(config: CoreConfig, settings: Settings) -> Inputs:
         human = load_preference_pairs(
             spec, limit=settings.max_human, base_dir=config.base_dir, prefix="hh", builtin=BUILTIN_PREFERENCES
         )
-    harmless = []
-    if settings.harmlessness_eval:
-        harmless = load_preference_pairs(
-            settings.harmlessness_eval, limit=settings.max_eval, base_dir=config.base_dir, prefix="hx"
-        )
+    harmless = _eval_pairs(config, settings, "harmlessness_eval", prefix="hx")
+    helpful = _eval_pairs(config, settings, "helpfulness_eval", prefix="hy")
     init = None
     if settings.init != "sl-cai":
         name = config.models.base.name if settings.init == "base" else settings.init
@@ -169,7 +177,18 @@ def check(config: CoreConfig, settings: Settings) -> Inputs:
             init = resolve_model_name(name, config.base_dir)
         except UserError as error:
             raise UserError(f"pm.init: {error}") from None
-    return Inputs(human, harmless, init, constitution)
+    return Inputs(human, harmless, init, constitution, helpful)
+
+
+def _eval_pairs(config: CoreConfig, settings: Settings, key: str, prefix: str) -> list[dict[str, Any]]:
+    """The first `pm.max_eval` comparisons of the file `pm.<key>` names ([] if none); errors name the key."""
+    spec = getattr(settings, key)
+    if not spec:
+        return []
+    try:
+        return load_preference_pairs(spec, limit=settings.max_eval, base_dir=config.base_dir, prefix=prefix)
+    except UserError as error:
+        raise UserError(f"pm.{key}: {error}") from None
 
 
 def input_hashes(inputs: Inputs) -> dict[str, str]:
@@ -178,7 +197,11 @@ def input_hashes(inputs: Inputs) -> dict[str, str]:
     def digest(rows: list[dict[str, Any]]) -> str:
         return hashlib.sha256(json.dumps([row["id"] for row in rows]).encode()).hexdigest()[:16]
 
-    hashes = {"human_preferences": digest(inputs.human), "harmlessness_eval": digest(inputs.harmlessness_eval)}
+    hashes = {
+        "human_preferences": digest(inputs.human),
+        "harmlessness_eval": digest(inputs.harmlessness_eval),
+        "helpfulness_eval": digest(inputs.helpfulness_eval),
+    }
     if inputs.init is not None:
         hashes["init_model"] = fingerprint(inputs.init)
     return hashes
@@ -201,7 +224,7 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         summary = train(config.training, settings, config.seed, init, run_dir)
     if not is_main_process():  # the other processes of a launch only help train
         return {**counts, **summary}
-    report = evaluate(settings, run_dir, inputs.harmlessness_eval, config.seed)
+    report = evaluate(settings, run_dir, inputs.harmlessness_eval, config.seed, inputs.helpfulness_eval)
     accuracies = {source: values["pm"] for source, values in report["accuracy"].items()}
     return {**counts, **summary, "held_out_accuracy": accuracies}
 
@@ -370,30 +393,50 @@ def build_trainer(
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(settings: Settings, run_dir: RunDir, harmlessness: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-    """Accuracy per source on held-out rows (and the harmlessness file), calibration; written to eval/.
+HELD_OUT = "held out from the training mix's own sources (conversations the PM never trained on)"
+
+
+def evaluate(
+    settings: Settings, run_dir: RunDir, harmlessness: list[dict[str, Any]], seed: int,
+    helpfulness: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy per evaluation set, calibration; written to eval/.
+
+    Sets: the held-out rows of each source of the mix (`in_distribution: true`), then the human
+    comparisons of `pm.harmlessness_eval` (`human_harmlessness`) and `pm.helpfulness_eval`
+    (`helpfulness_eval`), from outside the mix (`in_distribution: false`; a comparison whose
+    conversation is in the training mix is left out and counted; one with identical answers is left out).
 
     Returns:
-        The report written to `eval/pm.json`.
+        The report written to `eval/pm.json`: {"accuracy": {set: entry}, "calibration": {set: entry}}.
     """
     pm = PreferenceModel.load(run_dir.path("pm"), max_length=settings.max_length, batch_size=settings.score_batch_size)
-    held_out = read_records(run_dir.path("pm_eval"))
     groups: dict[str, list[dict[str, Any]]] = {}
-    for row in held_out:
+    for row in read_records(run_dir.path("pm_eval")):
         groups.setdefault(row["source"], []).append(row)
-    if harmlessness:
-        groups["human_harmlessness"] = [
-            {**human_row(pair, seed), "source": "human_harmlessness"} for pair in harmlessness
-        ]
+    about = {source: {"in_distribution": True, "data": HELD_OUT} for source in groups}
+    trained = {conversation_key(row) for row in read_records(run_dir.path("pm_train"))}
+    for name, key, pairs in (("human_harmlessness", "harmlessness_eval", harmlessness),
+                             ("helpfulness_eval", "helpfulness_eval", helpfulness)):  # fmt: skip
+        # As in the mix: identical answers have no winner to predict.
+        rows = [{**human_row(pair, seed), "source": name} for pair in pairs if pair["chosen"] != pair["rejected"]]
+        kept = [row for row in rows if conversation_key(row) not in trained]
+        if len(kept) < len(rows):
+            log.warning("pm: %s: left out %d of %d comparisons whose conversation is in the training mix",
+                        f"pm.{key}", len(rows) - len(kept), len(rows))  # fmt: skip
+        if kept:
+            groups[name] = kept
+            about[name] = {"in_distribution": False, "data": f"pm.{key}: {getattr(settings, key)} (human labels)",
+                           "left_out_in_training_mix": len(rows) - len(kept)}  # fmt: skip
     report: dict[str, Any] = {"accuracy": {}, "calibration": {}}
     points: dict[str, tuple[list[float], list[float]]] = {}
-    for source, rows in groups.items():
-        accuracy, calibrated, points[source] = held_out_figures(pm, rows, settings.calibration_bins)
-        report["accuracy"][source], report["calibration"][source] = accuracy, calibrated
+    for name, rows in groups.items():
+        accuracy, calibrated, points[name] = held_out_figures(pm, rows, settings.calibration_bins)
+        report["accuracy"][name], report["calibration"][name] = {**accuracy, **about[name]}, calibrated
         log.info(
-            "pm: held-out %s: accuracy %.3f (length baseline %.3f, chance 0.5) on %d comparisons, ECE %.3f",
-            source, report["accuracy"][source]["pm"], report["accuracy"][source]["length_baseline"], len(rows),
-            report["calibration"][source]["ece"],
+            "pm: %s (%s): accuracy %.3f [95%% CI %.3f-%.3f] (length baseline %.3f, chance 0.5) on %d comparisons, "
+            "ECE %.3f", name, "held out" if about[name]["in_distribution"] else "outside the mix", accuracy["pm"],
+            *accuracy["pm_ci95"], accuracy["length_baseline"], len(rows), calibrated["ece"],
         )  # fmt: skip
     write_json_atomic(run_dir.path("pm_report"), report)
     plot_calibration(points, settings.calibration_bins, run_dir.path("pm_calibration"))
