@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from constitutional.backends import SamplingParams
+from constitutional.backends.base import prompt_token_ids
 from constitutional.backends.transformers import _length_sorted_batches
 from constitutional.backends.transformers import load as load_transformers
 from constitutional.comparisons import ORDERS, label_comparisons, question_principles, render_question
@@ -136,7 +137,7 @@ def _parse_pick(text: str) -> str | None:
 @torch.inference_mode()
 def _raw_forward(backend, prompts: list[str]) -> None:
     """Plain batched forward passes (left padded, logits at the last position), no tricks."""
-    encoded = [backend.tokenizer(prompt)["input_ids"] for prompt in prompts]
+    encoded = [prompt_token_ids(backend.tokenizer, prompt) for prompt in prompts]
     for batch in _length_sorted_batches([len(ids) for ids in encoded], backend.batch_size):
         inputs = backend.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
         positions = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)

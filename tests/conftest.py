@@ -22,6 +22,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The embedded model (Gemma 3 270M: SentencePiece, BOS, two EOS ids) as a local transformers folder.
+
+    Converted from its GGUF into the user cache the first time (about 2 minutes), as `cai run` does.
+    """
+    from constitutional.models import local_weights_dir, resolve_model_name
+
+    return Path(local_weights_dir(resolve_model_name("embedded")))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never reach a hub: anything that tries fails fast instead of waiting on the network."""

@@ -78,12 +78,12 @@ def test_options_with_and_without_a_leading_space_score_consistently(prefers_b, 
     The model's log-probability of any token t is bias[t] - logsumexp(bias) at every position, so
     an option's score is the sum of its tokens' biases minus (its length) x logsumexp(bias).
     """
-    from constitutional.backends.base import option_token_ids
+    from constitutional.backends.base import option_token_ids, prompt_token_ids
 
     prompt = "The answer is:"
     tokenizer, bias = prefers_b.tokenizer, prefers_b.model.lm_head.bias.detach().double()
     normaliser = torch.logsumexp(bias, dim=0).item()
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
     expected = [
         sum(bias[token].item() - normaliser for token in option_token_ids(tokenizer, prompt, prompt_ids, option))
         for option in options

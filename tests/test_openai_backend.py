@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from constitutional.backends.answers import option_logprobs_from_top, sum_span_logprobs
+from constitutional.backends.answers import echoed_option_logprob, option_logprobs_from_top
 from constitutional.backends.base import SamplingParams
 from constitutional.backends.openai import OpenAIBackend, load
 from constitutional.backends.settings import OpenAISettings
@@ -253,9 +253,67 @@ def test_score_options_sums_echoed_option_logprobs(server):
 
 
 def test_score_options_includes_a_token_that_straddles_the_boundary():
-    # Echoed "Q: (A)" tokenised as "Q", ": (", "A", ")" with prompt "Q:" - ": (" straddles it.
-    logprobs = {"text_offset": [0, 1, 4, 5, 6], "token_logprobs": [None, -0.5, -0.7, -0.1, -99.0]}
-    assert sum_span_logprobs(logprobs, start=2, end=6, base_url="u") == pytest.approx(-1.3)
+    # Echoed "Q: (A)" tokenised as "Q", ": (", "A", ")", then the generated " X": ": (" straddles the prompt's end.
+    logprobs = {"tokens": ["Q", ": (", "A", ")", " X"], "token_logprobs": [None, -0.5, -0.7, -0.1, -99.0]}
+    assert echoed_option_logprob(logprobs, " (A)", base_url="u") == pytest.approx(-1.3)
+
+
+def vllm_echo(prompt: str, option: str, bos: str = "<bos>") -> dict[str, Any]:
+    """Echo log-probs as vLLM lays them out: a BOS token first (log-prob None), whose string is not in the
+    echoed text, and offsets that add up decoded token lengths from it, so every offset is len(bos) too far."""
+    tokens = [bos] + TOKEN_PATTERN.findall(prompt + option) + [" X"]
+    offsets = [sum(len(token) for token in tokens[:index]) for index in range(len(tokens))]
+    values = [None] + [TOKEN_LOGPROBS.get(token, DEFAULT_LOGPROB) for token in tokens[1:-1]] + [GENERATED_LOGPROB]
+    return {"tokens": tokens, "text_offset": offsets, "token_logprobs": values, "top_logprobs": None}
+
+
+@pytest.mark.parametrize("bos", ["<s>", "<bos>", "<|begin_of_text|>"])
+def test_echo_scoring_reads_the_option_despite_the_bos_shift_of_vllm_offsets(server, bos):
+    """The option's tokens are found from the end, by their text: the offsets, shifted by the BOS string,
+    would put the window on the prompt's last tokens (a tie for every comparison) or past a short prompt."""
+    url, state = server
+    state.script = [Scripted(body={"choices": [{"text": "Pick one:" + option + " X", "index": 0,
+                                                "logprobs": vllm_echo("Pick one:", option, bos)}]})
+                    for option in (" (A)", " (B)")]  # fmt: skip
+    backend = make_backend(url, scoring="echo", max_concurrency=1)
+    try:
+        scores = backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    finally:
+        backend.close()
+    assert scores == [[pytest.approx(-1.05), pytest.approx(-2.25)]]
+    # A prompt shorter than the BOS string: the shifted window would start past the text.
+    assert echoed_option_logprob(vllm_echo("Q", " (A)", bos), " (A)", "u") == pytest.approx(-1.05)
+
+
+def test_a_server_that_echoes_only_the_generated_token_is_not_taken_for_echo(server):
+    """200 OK with the log-prob of the generated token alone: every option would score 0, a tie."""
+    url, state = server
+    only_generated = {"tokens": [" X"], "text_offset": [13], "token_logprobs": [-0.2], "top_logprobs": None}
+    state.script = [Scripted(body={"choices": [{"text": " X", "logprobs": only_generated, "index": 0}]})]
+    state.top = TOP
+    backend = make_backend(url)  # auto: falls back to top_logprobs at once, without retrying echo
+    backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert backend.scoring_method == "top_logprobs"
+    assert sum(bool(body.get("echo")) for body in state.bodies) == 1
+    state.script = [Scripted(body={"choices": [{"text": " X", "logprobs": only_generated, "index": 0}]})]
+    state.bodies = []
+    backend = make_backend(url, scoring="echo", max_concurrency=1)
+    with pytest.raises(UserError, match=rf"{re.escape(url)} does not echo .*openai\.scoring: top_logprobs"):
+        backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert len(state.bodies) == 1  # not retried (the same answer would come back), the queue dropped
+
+
+def test_echoed_tokens_that_do_not_spell_the_option_are_refused_by_name():
+    raw = {
+        "tokens": ["<s>", "\u2581Pick", "\u2581(", "A", ")", "\u2581X"],
+        "token_logprobs": [None, -1, -0.3, -0.7, -0.1, -9],
+    }
+    with pytest.raises(UserError, match=r"server at http://s/v1 echoed tokens that do not end with the option"):
+        echoed_option_logprob(raw, " (A)", "http://s/v1")
+    with pytest.raises(UserError, match="without their token strings"):
+        echoed_option_logprob({"token_logprobs": [None, -1.0]}, " (A)", "http://s/v1")
 
 
 def test_score_options_without_logprobs_says_what_the_server_must_support(server):
@@ -604,3 +662,100 @@ def test_a_fleet_that_stays_down_fails_with_the_last_error(server, second_server
         backend.generate(["p"], SamplingParams(max_new_tokens=4))
     backend.close()
     assert len(state_a.bodies) + len(state_b.bodies) == 4 and state_a.bodies and state_b.bodies
+
+
+# ------------------------------------------------------------------------------------- hosted limits
+
+
+def openai_400(message: str, param: str | None = None) -> Scripted:
+    """A 400 in OpenAI's error shape."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "unsupported_parameter"}
+    return Scripted(status=400, body={"error": error})
+
+
+def test_a_chat_api_that_takes_max_completion_tokens_gets_it_from_then_on(server):
+    url, state = server
+    state.script = [openai_400("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                               "Use 'max_completion_tokens' instead.", "max_tokens")]  # fmt: skip
+    backend = make_backend(url, endpoint="chat", max_concurrency=1)
+    try:
+        texts = backend.generate(["Hi", "Bye"], SamplingParams(max_new_tokens=7))
+    finally:
+        backend.close()
+    assert len(texts) == 2 and all(text.startswith("<chat:") for text in texts)
+    assert "max_tokens" in state.bodies[0] and "max_completion_tokens" not in state.bodies[0]
+    assert all(body["max_completion_tokens"] == 7 and "max_tokens" not in body for body in state.bodies[1:])
+    assert len(state.bodies) == 3  # the refused one once more, then the second prompt: no further tries
+
+
+def test_legacy_completions_logprobs_limit_is_learnt_from_the_400(server):
+    url, state = server
+    state.script = [openai_400("Invalid value for 'logprobs': must be less than or equal to 5.", "logprobs")]
+    state.top = TOP
+    backend = make_backend(url, scoring="top_logprobs", top_logprobs=20, max_concurrency=1)
+    try:
+        scores = backend.score_options(["Pick one:", "Choose:"], [" (A)", " (B)"])
+    finally:
+        backend.close()
+    assert [body["logprobs"] for body in state.bodies] == [20, 5, 5]
+    assert scores[0][0] > scores[0][1]
+
+
+@pytest.mark.parametrize(
+    "message, advice",
+    [
+        ("Unsupported value: 'temperature' does not support 0.7 with this model. Only the default (1) value is "
+         "supported.", "takes only its default sampling"),
+        ("Unsupported parameter: 'logprobs' is not supported with this model.", "cannot score options"),
+        ("The model `nope` does not exist", None),
+    ],
+)  # fmt: skip
+def test_what_a_hosted_model_refuses_is_one_line_naming_the_server_not_a_retry(server, message, advice):
+    url, state = server
+    state.script = [openai_400(message)]
+    backend = make_backend(url, endpoint="chat")
+    with pytest.raises(UserError) as raised:
+        backend.generate(["Hi"], SamplingParams(max_new_tokens=4, temperature=0.7))
+    backend.close()
+    text = str(raised.value)
+    assert "\n" not in text and url in text and "HTTP 400" in text and message[:30] in text
+    assert (advice in text) if advice else "(" not in text.split(message[:30])[-1]
+    assert len(state.bodies) == 1
+
+
+@pytest.mark.parametrize(
+    "message, finish, expected",
+    [
+        ({"role": "assistant", "content": None, "refusal": "I can't help."}, "stop", "I can't help."),
+        ({"role": "assistant", "content": None}, "length", ""),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}, "tool_calls", UserError),
+    ],
+)  # fmt: skip
+def test_a_chat_answer_without_content_is_read_not_retried(server, message, finish, expected):
+    url, state = server
+    state.script = [Scripted(body={"choices": [{"index": 0, "message": message, "finish_reason": finish}]})]
+    backend = make_backend(url, endpoint="chat")
+    try:
+        if expected is UserError:
+            with pytest.raises(UserError, match="has no text .*tool_calls"):
+                backend.generate(["Hi"], SamplingParams(max_new_tokens=4))
+        else:
+            assert backend.generate(["Hi"], SamplingParams(max_new_tokens=4)) == [expected]
+    finally:
+        backend.close()
+    assert len(state.bodies) == 1
+
+
+def test_a_500_saying_echo_is_not_supported_ends_the_probe_at_once(server):
+    """llama.cpp's server answers echo with HTTP 500 "Only no echo is supported": a missing feature, not an
+    outage. While probing it is not retried with backoff; `auto` moves on to top_logprobs."""
+    url, state = server
+    state.script = [Scripted(status=500, body={"error": {"code": 500, "message": "Only no echo is supported",
+                                                         "type": "server_error"}})]  # fmt: skip
+    state.top = TOP
+    backend = make_backend(url, backoff_initial_s=5.0, backoff_max_s=5.0)  # a retry would take seconds
+    started = time.monotonic()
+    backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert backend.scoring_method == "top_logprobs" and time.monotonic() - started < 2.0
+    assert sum(bool(body.get("echo")) for body in state.bodies) == 1

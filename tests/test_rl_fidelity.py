@@ -14,12 +14,10 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from constitutional.backends.base import cut_at_stop
 from constitutional.backends.transformers import TransformersBackend
-from constitutional.models import cache_root
 from constitutional.prompts import render_plain
 from constitutional.rl import policy, rollout
 from constitutional.seeding import rng_for
 
-EMBEDDED = cache_root() / "models" / "embedded-gemma-3-270m"
 TOKENIZERS = ["tiny", pytest.param("embedded", marks=pytest.mark.embedded)]
 
 # What a policy might sample after "Assistant:": a blank line first, a word split where the tokenizer
@@ -32,14 +30,11 @@ MARKER_PIECES = ["\n", "Human", ":", " more"]
 def tokenizer(request, tiny_model_dir):
     """Loaded once per module: Gemma's tokenizer takes seconds to load, and no test changes it.
 
-    The embedded model is looked for when the test runs, not when tests are collected: under `make
-    test` the embedded pipeline test (an earlier file) converts it into the cache first.
+    The embedded model is converted into the cache on first use (the `embedded_model_dir` fixture).
     """
     if request.param == "tiny":
         return AutoTokenizer.from_pretrained(tiny_model_dir)
-    if not (EMBEDDED / "tokenizer.json").exists():
-        pytest.skip(f"the converted embedded model is not in {EMBEDDED} (tests/test_embedded_pipeline.py converts it)")
-    return AutoTokenizer.from_pretrained(EMBEDDED)
+    return AutoTokenizer.from_pretrained(request.getfixturevalue("embedded_model_dir"))
 
 
 def second_eos(tokenizer) -> int:

@@ -4,7 +4,9 @@ Pure functions of the answer's JSON (no HTTP here): the generated text of a `/co
 `/chat/completions` answer, the summed log-probability of an echoed option (the `echo` scoring
 method) and each option's log-prob from the top-k alternatives of a greedy answer (the
 `top_logprobs` method; see `constitutional.backends.openai`). An answer that lacks what was asked
-for raises `MalformedAnswer`, which the transport retries (or, while probing, reports at once).
+for raises `MalformedAnswer`, which the transport retries (or, while probing, reports at once); one
+in a layout this client cannot read, which a server answers the same every time, raises
+`UserError` (one line naming the server and the setting to change).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 import os
 from collections.abc import Sequence
 from typing import Any
+
+from constitutional.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,29 @@ def first_choice(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def choice_text(data: dict[str, Any]) -> str:
-    """The generated text of a completions (`text`) or chat (`message.content`) response."""
+    """The generated text of a completions (`text`) or chat (`message.content`) response.
+
+    A chat answer whose `content` is null is not a transport accident, so it is not retried: a
+    model's refusal (`message.refusal`) is its answer; a reasoning model that spent the whole
+    token budget before answering (`finish_reason: length`) gives the empty answer it gave; any
+    other null (tool calls, for instance) is a UserError.
+    """
     choice = first_choice(data)
     if isinstance(choice.get("text"), str):
         return choice["text"]
     message = choice.get("message")
     if isinstance(message, dict) and isinstance(message.get("content"), str):
         return message["content"]
+    if isinstance(message, dict) and "content" in message and message["content"] is None:
+        if isinstance(message.get("refusal"), str):
+            return message["refusal"]
+        if choice.get("finish_reason") == "length":
+            log.warning("a chat answer has no text within max_tokens (a reasoning model may spend them all)")
+            return ""
+        raise UserError(
+            f"a chat answer has no text (finish_reason {choice.get('finish_reason')!r}): the model answered "
+            f"with something other than text: {one_line(json.dumps(message))!r}"
+        )
     raise MalformedAnswer(f"response has no generated text: {one_line(json.dumps(data))!r}")
 
 
@@ -130,36 +150,63 @@ def _logsumexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(value - top) for value in values))
 
 
-def sum_span_logprobs(logprobs: Any, start: int, end: int, base_url: str) -> float:
-    """Sum the log-probs of echoed tokens covering characters [start, end) of the echoed text.
+def echoed_option_logprob(logprobs: Any, option: str, base_url: str) -> float:
+    """Sum the echoed log-probs of the tokens that spell `option` at the end of the echoed prompt.
+
+    An echo answer lists the tokens of prompt + option, then the one generated token. The option's
+    tokens are found from the end, by their text: real servers' `text_offset` cannot be trusted
+    (vLLM adds up individually decoded token lengths from a first BOS token whose string, "<s>" or
+    "<bos>", is not in the echoed text, so every offset is shifted). A token that straddles the
+    prompt's end and the option's start (tokenisation may merge "?" and " (") is included.
 
     Args:
-        logprobs: `choices[0]["logprobs"]` of an echo request (`text_offset`, `token_logprobs`).
-        start: len(prompt), where the option begins.
-        end: len(prompt + option), where the option ends and the one generated token begins.
-        base_url: named in the error message.
+        logprobs: `choices[0]["logprobs"]` of an echo request (`tokens`, `token_logprobs`).
+        option: the option text, the end of the echoed prompt.
+        base_url: named in the error messages.
 
     Returns:
         The summed log-probability of the option's tokens.
+
+    Raises:
+        MalformedAnswer: no log-probs at all (possibly transient: retried).
+        UserError: the server does not really echo (only the generated token has a log-prob), or
+            its tokens do not spell the option: a layout this client cannot read, the same every time.
     """
-    offsets = logprobs.get("text_offset") if isinstance(logprobs, dict) else None
+    tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
     values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
-    if not offsets or not values or len(offsets) != len(values):
+    if not isinstance(values, list) or not values:
         raise MalformedAnswer(
             f"the server at {base_url} returned no prompt log-probabilities: option scoring needs a "
             "server that supports `echo: true` with `logprobs` on /completions (vLLM does)"
         )
-    total = 0.0
-    for i, (offset, value) in enumerate(zip(offsets, values)):
-        token_end = offsets[i + 1] if i + 1 < len(offsets) else float("inf")
-        # A token that starts before `start` but ends after it is included: tokenisation may merge
-        # the prompt's last characters with the option's first (e.g. "?" + " (" into one token).
-        # Tokens from `end` on are the generated token, excluded.
-        if offset < end and token_end > start:
-            if value is None:
-                # Servers give no log-prob for the very first token (nothing to condition on).
-                raise MalformedAnswer(f"the server at {base_url} returned no log-probability for the token at {offset}")
-            total += float(value)
+    fix = "set openai.scoring: top_logprobs"
+    # The first prompt token has nothing to condition on: a server that echoes gives it None.
+    if len(values) < 2 or values[0] is not None:
+        raise UserError(
+            f"the server at {base_url} does not echo the prompt's log-probabilities (it returned "
+            f"{len(values)} log-prob(s), the first {values[0]!r}, not None): {fix}"
+        )
+    if not isinstance(tokens, list) or len(tokens) != len(values) or not all(isinstance(t, str) for t in tokens):
+        raise UserError(f"the server at {base_url} echoed log-probabilities without their token strings: {fix}")
+    for generated in (1, 0):  # the one generated token comes last; a server may leave it out
+        echoed = tokens[: len(tokens) - generated]
+        if "".join(echoed).endswith(option):
+            break
+    else:
+        raise UserError(
+            f"the server at {base_url} echoed tokens that do not end with the option {option!r} "
+            f"(last tokens {tokens[-6:]!r}): its log-prob layout cannot be read: {fix}"
+        )
+    total, remaining = 0.0, len(option)
+    for index in range(len(echoed) - 1, 0, -1):
+        if remaining <= 0:
+            break
+        if values[index] is None:
+            raise UserError(f"the server at {base_url} returned no log-probability for echoed token {index}: {fix}")
+        total += float(values[index])
+        remaining -= len(echoed[index])
+    if remaining > 0:  # the option reaches back to the first token, which has no log-prob
+        raise UserError(f"the server at {base_url} echoed the option {option!r} as the whole prompt: nothing to score")
     return total
 
 

@@ -101,8 +101,22 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:end]
 
 
+def prompt_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text, with one BOS token at the start where the tokenizer uses one.
+
+    A chat template writes the BOS token into the text it renders (Gemma's "<bos>", Llama 3's
+    "<|begin_of_text|>"); tokenising that text with special tokens added would put a second BOS in
+    front, which a chat model never read in training. So text that already begins with the BOS token
+    is tokenised as it is, and any other text (a plain prompt) gets the tokenizer's special tokens.
+    Every back end that tokenises a prompt itself goes through here.
+    """
+    bos = getattr(tokenizer, "bos_token", None)  # None: the tokenizer has no BOS token
+    has_bos = bool(bos) and text.startswith(bos)
+    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
 def option_token_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], option: str) -> list[int]:
-    """Token ids of `option` as a model reads it right after `prompt`.
+    """Token ids of `option` as a model reads it right after `prompt` (`prompt_ids`: prompt_token_ids).
 
     Tokenising prompt+option together is what the model sees in a transcript; when the tokenizer
     merges across the boundary (the joint ids do not start with the prompt's ids), fall back to
@@ -111,10 +125,16 @@ def option_token_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], option:
     Raises:
         ValueError: the option tokenises to nothing.
     """
-    joint = tokenizer(prompt + option)["input_ids"]
+    joint = prompt_token_ids(tokenizer, prompt + option)
     if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
         return joint[len(prompt_ids) :]
     option_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
     if not option_ids:
         raise ValueError(f"option {option!r} tokenises to nothing")
     return option_ids
+
+
+def prompt_and_option_ids(tokenizer: Any, prompt: str, options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """A prompt's token ids (`prompt_token_ids`) and each option's ids as the model reads them after it."""
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
+    return prompt_ids, [option_token_ids(tokenizer, prompt, prompt_ids, option) for option in options]

@@ -6,7 +6,9 @@ rendered for a chat model travels as its messages and the server applies the tem
 
 Option scoring has two methods, chosen by `scoring` or, with `auto`, by what the server answers:
 - `echo`: one `/completions` request per (prompt, option) with `echo` + `logprobs`, summing the
-  echoed log-probabilities of the option's tokens (exact; vLLM);
+  echoed log-probabilities of the option's tokens, found from the end of the echo by their text
+  (exact; vLLM, whose offsets are shifted by its BOS token's string; a server whose echo holds no
+  prompt log-probs is not taken for one that echoes). vLLM skips its prefix cache for these;
 - `top_logprobs`: one greedy request per prompt for a few answer tokens with their top-k
   log-probabilities, read at the first position where the options part ways (" (A)" and " (B)"
   share " (", so after "(" the next token is "A" or "B"). An option's log-prob there is that of its
@@ -36,26 +38,38 @@ from typing import Any, TypeVar
 
 from constitutional.backends.answers import (
     choice_text,
+    echoed_option_logprob,
     first_choice,
     option_logprobs_from_top,
-    sum_span_logprobs,
     top_logprob_positions,
 )
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop
 from constitutional.backends.settings import OpenAISettings
-from constitutional.backends.transport import Transport
+from constitutional.backends.transport import RejectedRequest, Transport
 from constitutional.errors import UserError
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-# The OpenAI API rejects more than 4 stop strings; the rest are honoured by cutting client-side.
+# The OpenAI API rejects more than 4 stop strings. The rest are cut client-side only: the server
+# keeps generating past them (up to max_tokens), which costs time, not correctness.
 MAX_SERVER_STOPS = 4
 # A prompt rendered for a chat model: this marker, then its messages as JSON (see apply_chat_template).
 CHAT_MESSAGES = "\x00chat-messages:"
 # Answer tokens a top_logprobs scoring request asks for: enough to get past "(" to the option letter.
 SCORING_TOKENS = 4
+# The most top log-probs OpenAI's legacy /completions returns (`logprobs`); vLLM allows 20 and more.
+COMPLETIONS_LOGPROBS_LIMIT = 5
+# What a refused request's parameter means for a run, for the one-line error (see _hint).
+REFUSED_PARAMETERS = {
+    "logprobs": "this model gives no log-probabilities, so it cannot score options: use another model as "
+    "feedback model or judge",
+    "temperature": "this model takes only its default sampling (reasoning models do): use another model for this "
+    "role, or set its temperature to the default",
+    "top_p": "this model takes only its default sampling (reasoning models do): use another model for this role",
+    "echo": "set openai.scoring: top_logprobs",
+}
 
 
 class OpenAIBackend(Backend):
@@ -116,6 +130,9 @@ class OpenAIBackend(Backend):
         self.max_retries = max_retries
         self.endpoint = endpoint
         self.top_logprobs = top_logprobs
+        # What the server's 400s taught (see _learn_limit): sent that way from then on.
+        self._chat_takes_max_completion_tokens = False
+        self._completions_logprobs_limit = top_logprobs
         # The scoring method in use: fixed by config, or decided by the first scoring call (auto).
         self.scoring_method: str | None = None if scoring == "auto" else scoring
         # Chat answers differ from completions of the same text: the cache must not mix them.
@@ -245,10 +262,9 @@ class OpenAIBackend(Backend):
             "logprobs": 1,
             "temperature": 0.0,
         }
-        start, end = len(prompt), len(prompt) + len(option)
 
         def parse(data: dict[str, Any]) -> float:
-            return sum_span_logprobs(first_choice(data).get("logprobs"), start, end, self.base_url)
+            return echoed_option_logprob(first_choice(data).get("logprobs"), option, self.base_url)
 
         return self._post(body, "completions", parse=parse, retry_malformed=not probing)
 
@@ -284,7 +300,48 @@ class OpenAIBackend(Backend):
             `parse(answer)`, or the answer's JSON object without `parse`.
         """
         path = "chat/completions" if (endpoint or self.endpoint) == "chat" else "completions"
-        return self._transport.post(path, body, parse=parse, retry_malformed=retry_malformed)
+        body = self._accepted(body, path)
+        try:
+            return self._transport.post(path, body, parse=parse, retry_malformed=retry_malformed)
+        except RejectedRequest as error:
+            if not self._learn_limit(error.server_message, body, path):
+                raise UserError(f"{error}{_hint(error.server_message)}") from None
+            log.warning("%s: %s; sending what it accepts from now on", self.base_url, error.server_message)
+        return self._transport.post(path, self._accepted(body, path), parse=parse, retry_malformed=retry_malformed)
+
+    def _accepted(self, body: dict[str, Any], path: str) -> dict[str, Any]:
+        """`body` as the server accepts it, after what `_learn_limit` learnt from its 400s."""
+        body = dict(body)
+        if path == "chat/completions" and self._chat_takes_max_completion_tokens and "max_tokens" in body:
+            body["max_completion_tokens"] = body.pop("max_tokens")
+        if path == "completions" and isinstance(body.get("logprobs"), int):
+            body["logprobs"] = min(body["logprobs"], self._completions_logprobs_limit)
+        return body
+
+    def _learn_limit(self, message: str, body: dict[str, Any], path: str) -> bool:
+        """Whether a 400's reason names a documented limit that a changed request meets (then remembered).
+
+        OpenAI's chat API takes `max_completion_tokens` instead of `max_tokens` for newer models,
+        and its legacy /completions allows `logprobs` up to 5 (chat's `top_logprobs` up to 20).
+        """
+        text = message.lower()
+        renamed = self._chat_takes_max_completion_tokens
+        if path == "chat/completions" and "max_completion_tokens" in text and not renamed:
+            self._chat_takes_max_completion_tokens = True
+            return True
+        if path == "completions" and "logprobs" in text and body.get("logprobs", 0) > COMPLETIONS_LOGPROBS_LIMIT:
+            self._completions_logprobs_limit = COMPLETIONS_LOGPROBS_LIMIT
+            return True
+        return False
+
+
+def _hint(server_message: str) -> str:
+    """What to change, for a refusal naming a parameter in REFUSED_PARAMETERS ("" if none)."""
+    text = server_message.lower()
+    for parameter, advice in REFUSED_PARAMETERS.items():
+        if f"'{parameter}'" in text or f"`{parameter}`" in text or f'"{parameter}"' in text:
+            return f" ({advice})"
+    return ""
 
 
 # --------------------------------------------------------------------------------- registry entry

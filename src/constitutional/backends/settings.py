@@ -60,7 +60,9 @@ class OpenAISettings:
     # request per prompt; llama.cpp, hosted and chat-only APIs), or `auto` (echo if the server
     # answers it, else top_logprobs, decided on the first scoring call).
     scoring: Literal["auto", "echo", "top_logprobs"] = "auto"
-    top_logprobs: int = 20  # k of top_logprobs scoring (OpenAI allows at most 20)
+    # k of top_logprobs scoring. OpenAI's chat allows at most 20, its legacy /completions 5: after a
+    # 400 that names the limit the request is sent once more with 5, and so are the later ones.
+    top_logprobs: int = 20
 
     def validate(self) -> None:
         for key, url in [("base_url", self.base_url)] + [(f"base_urls[{i}]", u) for i, u in enumerate(self.base_urls)]:
@@ -89,8 +91,9 @@ class VLLMSettings:
     dtype: str = "auto"
     max_model_len: int | None = None
     trust_remote_code: bool = False
-    # The few-shot examples every critique and feedback prompt starts with are computed once and
-    # their KV blocks reused (vLLM's automatic prefix caching).
+    # The few-shot examples every critique prompt starts with are computed once and their KV
+    # blocks reused (vLLM's automatic prefix caching). vLLM skips the cache for requests with
+    # prompt log-probs, so option scoring (feedback, eval's judge) prefills every prompt whole.
     enable_prefix_caching: bool = True
 
     def validate(self) -> None:

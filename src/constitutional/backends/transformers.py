@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from transformers import BatchEncoding, DynamicCache
 
-from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, option_token_ids
+from constitutional.backends.base import (
+    Backend,
+    SamplingParams,
+    cut_at_stop,
+    prompt_and_option_ids,
+    prompt_token_ids,
+)
 from constitutional.backends.settings import TransformersSettings
 from constitutional.models import choose_dtype, fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
 
@@ -122,7 +128,7 @@ class TransformersBackend(Backend):
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[str]:
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
-        encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
+        encoded = [prompt_token_ids(self.tokenizer, prompt) for prompt in prompts]
         results: list[str] = [""] * len(prompts)
         self.last_token_counts = [0] * len(prompts)
         self.last_token_ids = [[] for _ in prompts]
@@ -286,8 +292,7 @@ class TransformersBackend(Backend):
         """
         rows = []  # (context ids, number of shared option tokens, each option's own tokens)
         for prompt in prompts:
-            prompt_ids = self.tokenizer(prompt)["input_ids"]
-            option_ids = [option_token_ids(self.tokenizer, prompt, prompt_ids, option) for option in options]
+            prompt_ids, option_ids = prompt_and_option_ids(self.tokenizer, prompt, options)
             shared = _common_prefix_length(option_ids)
             rows.append((prompt_ids + option_ids[0][:shared], shared, [ids[shared:] for ids in option_ids]))
         scores: list[list[float]] = [[] for _ in prompts]

@@ -4,7 +4,8 @@ Requests run on a thread pool bounded by `max_concurrency` per server over one p
 `httpx.Client`, and transient failures (429, 5xx, timeouts, dropped connections, and 200 answers
 that are cut short, not JSON, or not in the shape asked for) are retried with jittered exponential
 backoff; still failing after `max_retries` retries, a request raises `ServiceError` (one line,
-exit 1). A 4xx other than 429 raises `UserError` at once.
+exit 1). A 4xx other than 429 raises `UserError` at once, and so does an answer in a layout the
+reader cannot use (`parse` raises `UserError`): trying again gets the same answer.
 
 The API key is sent only in the Authorization header, and kept out of reprs, logs and error
 messages. Only the `openai` back end imports this module (importing the package imports no HTTP
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +31,9 @@ from constitutional.backends.answers import MalformedAnswer, UnreadableAnswer, o
 from constitutional.errors import ServiceError, UserError
 
 log = logging.getLogger(__name__)
+
+# A server error message that names a missing feature rather than a failure (see _try_once).
+UNSUPPORTED = re.compile(r"not supported|unsupported|only no echo", re.IGNORECASE)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -207,8 +212,9 @@ class Transport:
             `parse(answer)`, or the answer's JSON object without `parse`.
 
         Raises:
-            UserError: the server rejected the request (4xx other than 429): not retried, since
-                sending it again cannot help (wrong model name, bad key, prompt too long, ...).
+            UserError: the server rejected the request (4xx other than 429), or `parse` found the
+                answer in a layout it cannot use: not retried, since sending it again cannot help
+                (wrong model name, bad key, prompt too long, a server that does not echo, ...).
             MalformedAnswer: with `retry_malformed` off, an answer in the wrong shape.
             ServiceError: still failing after `max_retries` retries (the last error quoted).
         """
@@ -248,14 +254,21 @@ class Transport:
             return _Failure(f"{url}: {type(error).__name__}: {error}")
         if response.status_code == 429 or response.status_code >= 500:
             error_text = self._error_text(response)
+            if not retry_malformed and response.status_code >= 500 and UNSUPPORTED.search(error_text):
+                # While probing, a server error that says the feature is not supported is an answer,
+                # not an outage (llama.cpp's server answers echo with 500 "Only no echo is supported").
+                self.fleet.release(server, ok=True)
+                raise RejectedRequest(f"{url} answered HTTP {response.status_code}: {error_text}", error_text)
             return _Failure(f"{url}: HTTP {response.status_code}: {error_text}", _retry_after_seconds(response))
         if response.status_code >= 400:
             self.fleet.release(server, ok=True)  # the request was wrong, not the server
-            raise UserError(
-                f"{url} rejected the request with HTTP {response.status_code}: {self._error_text(response)}"
-            )
+            text = self._error_text(response)
+            raise RejectedRequest(f"{url} rejected the request with HTTP {response.status_code}: {text}", text)
         try:
             result = _read_answer(response, url, parse)
+        except UserError:  # an answer in a layout this client cannot read: the same on every try
+            self.fleet.release(server, ok=True)
+            raise
         except MalformedAnswer as error:
             if not retry_malformed and not isinstance(error, UnreadableAnswer):
                 self.fleet.release(server, ok=True)
@@ -294,6 +307,15 @@ class Transport:
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return one_line(text) or response.reason_phrase or "(no message)"
+
+
+class RejectedRequest(UserError):
+    """A 4xx other than 429: the server refused the request itself. `server_message` is its reason
+    (one line), which the back end reads to send once more what a hosted API documents it accepts."""
+
+    def __init__(self, message: str, server_message: str):
+        super().__init__(message)
+        self.server_message = server_message
 
 
 def _http_client(api_key: str | None, timeout_s: float, connections: int) -> httpx.Client:

@@ -12,7 +12,7 @@ from typing import Any
 
 import vllm
 
-from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, option_token_ids
+from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, prompt_and_option_ids, prompt_token_ids
 from constitutional.backends.settings import VLLMSettings
 from constitutional.models import fingerprint, local_weights_dir, resolve_model_name
 
@@ -47,15 +47,17 @@ class VLLMBackend(Backend):
             )
             for seed in seeds
         ]
-        outputs = self.engine.generate(list(prompts), per_prompt, use_tqdm=False)
+        # Token ids, not text: vLLM tokenises a text prompt with special tokens added, which would
+        # put a second BOS before the one a chat template wrote. A dict is vLLM's `TokensPrompt`.
+        requests = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, prompt)} for prompt in prompts]
+        outputs = self.engine.generate(requests, per_prompt, use_tqdm=False)
         return [cut_at_stop(output.outputs[0].text, params.stop) for output in outputs]
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         requests, option_lengths = [], []
         for prompt in prompts:
-            prompt_ids = self.tokenizer(prompt)["input_ids"]
-            for option in options:
-                option_ids = option_token_ids(self.tokenizer, prompt, prompt_ids, option)
+            prompt_ids, each_option_ids = prompt_and_option_ids(self.tokenizer, prompt, options)
+            for option_ids in each_option_ids:
                 requests.append({"prompt_token_ids": prompt_ids + option_ids})
                 option_lengths.append(len(option_ids))
         # prompt_logprobs=0 returns the log-probability of each prompt token as it was read.
