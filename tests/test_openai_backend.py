@@ -759,3 +759,29 @@ def test_a_500_saying_echo_is_not_supported_ends_the_probe_at_once(server):
     backend.close()
     assert backend.scoring_method == "top_logprobs" and time.monotonic() - started < 2.0
     assert sum(bool(body.get("echo")) for body in state.bodies) == 1
+
+
+def test_a_judge_server_whose_echo_cannot_be_read_stops_the_run_naming_url_and_setting(
+    server, tiny_model_dir, tmp_path, capsys
+):
+    """`openai.scoring: echo` against a server that echoes no prompt log-probs: exit 2 before any stage writes."""
+    import yaml
+
+    from constitutional.cli import main
+
+    from conftest import tiny_config_data
+
+    url, state = server
+    only_generated = {"tokens": [" X"], "text_offset": [13], "token_logprobs": [-0.2], "top_logprobs": None}
+    state.script = [Scripted(body={"choices": [{"text": " X", "logprobs": only_generated, "index": 0}]})] * 3
+    data = tiny_config_data(tiny_model_dir, tmp_path)
+    data["models"]["feedback"] = {"name": "judge", "backend": "openai"}
+    data["openai"] = {"base_url": url, "scoring": "echo", "max_retries": 3, "backoff_initial_s": 0.01}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert f"models.feedback: the server at {url} does not echo" in error and "openai.scoring: top_logprobs" in error
+    assert not run_dir.exists()
