@@ -8,14 +8,23 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when pyproject.toml changes. On a machine without an NVIDIA GPU the
-# CPU build of torch is pinned (an unpinned torch pulls a multi-GB CUDA build); a torch that is
-# already in the venv (a GPU user's own) is kept.
+# The torch the README's timings were taken with: 2.13.0, its CPU build.
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
+# Idempotent: re-runs only when pyproject.toml changes, and a torch that is already in the venv (a
+# GPU user's own, or one installed before) is kept, never reinstalled. With an NVIDIA GPU
+# (nvidia-smi on PATH) torch is pip's default build. Without one, torch's CPU build comes from
+# PyTorch's own index first (PyPI's torch==2.13.0 for Linux x86-64 is the multi-GB CUDA build);
+# `--timeout 5 --retries 0` make an unreachable index fail in seconds, and then the plain
+# `pip install torch==2.13.0` (PyPI, or the wheels pip's own configuration points at) is the fallback.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
-	  else $(BIN)/pip install torch==2.13.0; fi; \
+	  else $(BIN)/pip install --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) '$(TORCH)' \
+	    || { echo "PyTorch's CPU index failed: installing $(TORCH) from the default index"; \
+	         $(BIN)/pip install '$(TORCH)'; }; fi; \
 	fi
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)

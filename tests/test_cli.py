@@ -9,7 +9,7 @@ import yaml
 
 from constitutional.cli import main
 
-from conftest import tiny_config_data
+from conftest import cai_error_line, tiny_config_data
 
 
 @pytest.fixture
@@ -46,12 +46,29 @@ def test_cai_run_writes_the_run_directory(config_file, tmp_path, capsys):
         assert (run_dir / output).exists(), output
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["critique"]["rounds"] == 1 and resolved["seed"] == 3
-    # Eval never fails for lack of held-out prompts: every red-team prompt here was trained on, and it says so.
+    # Eval has prompts of its own (the run trained on every prompt of data.red_team): nothing is missing.
     missing = json.loads((run_dir / "eval" / "metrics.json").read_text())["missing"]
-    assert any(item.startswith("red_team prompts: every prompt of") for item in missing)
+    assert not any("every prompt of" in item for item in missing), missing
     # A second run with another setting would mix records from two configs: refused.
     code, err = run_cli(["run", str(config_file()), "--run-dir", str(run_dir), "--set", "critique.rounds=2"], capsys)
     assert code == 2 and "critique.rounds: 1 -> 2" in err
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_config_whose_eval_would_hold_no_prompt_out_is_refused_before_anything_runs(
+    config_file, tmp_path, capsys, command
+):
+    """eval.red_team unset falls back to data.red_team, which critique reads whole (data.max_red_team unset)."""
+    run_dir = tmp_path / "run"
+    code, err = run_cli([command, str(config_file()), "--run-dir", str(run_dir), "--set", "eval.red_team=null"], capsys)
+    assert code == 2
+    line = cai_error_line(err)
+    assert line.startswith("cai: error: eval.red_team: no held-out prompts: it falls back to data.red_team"), line
+    assert "data.max_red_team: null" in line and not run_dir.exists()
+    # Capped, critique leaves prompts over for eval: accepted.
+    code, err = run_cli(["plan", str(config_file()), "--run-dir", str(run_dir), "--set", "eval.red_team=null",
+                         "--set", "data.max_red_team=3"], capsys)  # fmt: skip
+    assert code == 0, err
 
 
 def _bad_prompt_file(tmp_path, name, content: bytes):
@@ -124,7 +141,7 @@ def test_vllm_without_the_extra_is_a_clear_error(config_file, tmp_path, capsys):
     except ImportError:
         pass
     code, err = run_cli(["run", str(config_file()), "--run-dir", str(tmp_path / "r"), "--set", "backend=vllm"], capsys)
-    assert code == 2 and "constitutional[vllm]" in err
+    assert code == 2 and "pip install -e '.[vllm]'" in err
     assert not (tmp_path / "r").exists()
 
 

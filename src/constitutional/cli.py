@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(commands: Any) -> None:
-    """`cai run`."""
+    """`cai run` and `cai plan`, which take the same arguments."""
     run = commands.add_parser(
         "run",
         help="run the pipeline's stages for a config",
@@ -71,6 +71,19 @@ def _add_run(commands: Any) -> None:
             "Run the stages of CONFIG in order, skipping those already done and resuming one that was interrupted."
         ),
     )
+    _run_arguments(run)
+    plan = commands.add_parser(
+        "plan",
+        help="say what `cai run` would do, without loading a model or writing anything",
+        description=(
+            "Check CONFIG as `cai run` would (exit 2 on what it would refuse) and print, per stage, whether it is "
+            "done, would run, would resume or is stale and why, its models and back ends, and every input's path."
+        ),
+    )
+    _run_arguments(plan)
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("config", metavar="CONFIG", help="a YAML config, e.g. configs/quickstart.yaml")
     run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<config name>)")
     run.add_argument("--stages", metavar="LIST", help=f"comma-separated subset of: {', '.join(STAGES)} (default: all)")
@@ -156,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return command_run(args)
+        if args.command == "plan":
+            return command_plan(args)
         if args.command == "score":
             return command_score(args)
         if args.command == "report":
@@ -191,13 +206,31 @@ def command_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     stages = parse_stages(args.stages)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     shard = parse_shard(args.shard) if args.shard else None
-    run = run_pipeline(config, run_dir, stages, rerun=args.rerun, shard=shard)
+    run = run_pipeline(config, default_run_dir(args), stages, rerun=args.rerun, shard=shard)
     print(f"done: {run.root} ({', '.join(stages)}{f', shard {shard}' if shard else ''})")
     if "eval" in stages:
         print_headline(run.root)
     return 0
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    from constitutional.config import load_config
+    from constitutional.pipeline import parse_stages, plan_pipeline
+    from constitutional.plan import describe_plan
+    from constitutional.sharding import parse_shard
+
+    config = load_config(args.config, args.overrides)
+    stages = parse_stages(args.stages)
+    shard = parse_shard(args.shard) if args.shard else None
+    plan = plan_pipeline(config, default_run_dir(args), stages, rerun=args.rerun, shard=shard)
+    print(describe_plan(config, plan))
+    return 0
+
+
+def default_run_dir(args: argparse.Namespace) -> Path:
+    """`--run-dir`, else runs/<config file's name without .yaml>."""
+    return Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
 
 def command_merge(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ the outputs of earlier stages are reused untouched.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,12 +45,58 @@ def parse_stages(text: str | None) -> list[str]:
     return [name for name in STAGES if name in names]
 
 
+@dataclass
+class Plan:
+    """What `cai run` would do, decided and checked before anything is written (`cai plan` prints it).
+
+    Attributes:
+        run: the run directory.
+        stages: the stages asked for, in pipeline order.
+        modules: every stage's module, by name.
+        inputs: each asked stage's validated inputs (its `check` result).
+        stale: stages whose outputs were made with other settings or inputs, with what changed.
+        affected: the stages `--rerun` runs again (their outputs move under previous/).
+    """
+
+    run: RunDir
+    stages: list[str]
+    modules: dict[str, ModuleType]
+    inputs: dict[str, Any]
+    stale: dict[str, list[str]]
+    affected: list[str]
+
+
+def plan_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = False, shard: Any = None) -> Plan:
+    """Check everything `run_pipeline` checks, and load every stage's inputs, without writing.
+
+    Raises:
+        UserError: as `run_pipeline`.
+    """
+    modules = stage_modules()
+    run = RunDir(run_dir, shard=shard)
+    check_launch(stages, shard)
+    check_shards(run, stages, modules, config)
+    if rerun and not run.exists():
+        raise UserError(f"{run.root}: --rerun: there is no run here to rerun (no manifest.json)")
+    inputs = {name: modules[name].check(config, getattr(config, name)) for name in stages}
+    for name in stages:  # checks that need what the run directory holds
+        if hasattr(modules[name], "check_run"):
+            modules[name].check_run(config, getattr(config, name), run, stages)
+    stale = find_stale(config, run, modules, inputs)
+    affected = affected_stages(run, stale)
+    if stale and not rerun:
+        raise UserError(describe_stale(run, stale, affected))
+    check_upstream(config, run, modules, stages, set(affected))
+    return Plan(run, stages, modules, inputs, stale, affected)
+
+
 def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = False, shard: Any = None) -> RunDir:
     """Run `stages` of `config` in `run_dir`.
 
     Every stage's inputs are loaded and validated, and the plan is checked against what the run
-    directory holds, before anything is written: bad input leaves nothing half-written. Stages
-    already `done` with the same settings and inputs are skipped; an interrupted stage resumes.
+    directory holds, before anything is written (`plan_pipeline`): bad input leaves nothing
+    half-written. Stages already `done` with the same settings and inputs are skipped; an
+    interrupted stage resumes.
 
     Args:
         config: the loaded config.
@@ -63,25 +110,15 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
         UserError: bad input; stale stages without `rerun`; `rerun` where there is no run; a stage
             whose upstream artefacts no stage has made or will make.
     """
-    modules = stage_modules()
-    run = RunDir(run_dir, shard=shard)
-    check_launch(stages, shard)
-    check_shards(run, stages, modules, config)
-    if rerun and not run.exists():
-        raise UserError(f"{run.root}: --rerun: there is no run here to rerun (no manifest.json)")
-    inputs = {name: modules[name].check(config, getattr(config, name)) for name in stages}
-    stale = find_stale(config, run, modules, inputs)
-    affected = affected_stages(run, stale)
-    if stale and not rerun:
-        raise UserError(describe_stale(run, stale, affected))
-    check_upstream(config, run, modules, stages, set(affected))
+    plan = plan_pipeline(config, run_dir, stages, rerun, shard)
+    run = plan.run
     distributed.init(config.training.device)
     if distributed.is_main_process():  # under a multi-process launch, only process 0 writes
-        if affected:
-            run.archive(affected)
+        if plan.affected:
+            run.archive(plan.affected)
         write_config(run, config)
     for name in stages:
-        _run_stage(config, run, modules[name], inputs[name])
+        _run_stage(config, run, plan.modules[name], plan.inputs[name])
     return run
 
 

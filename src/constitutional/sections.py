@@ -186,7 +186,13 @@ class CoreConfig:
         if not self.cache.enabled:
             return backend
         path = self.resolve_path(self.cache.path) if self.cache.path else cache_path
-        return CachingBackend(backend, path) if path is not None else backend
+        if path is None:
+            return backend
+        try:
+            return CachingBackend(backend, path)
+        except BaseException:  # the cache could not open: free the engine just loaded (a GPU's memory)
+            backend.close()
+            raise
 
 
 # ----------------------------------------------------------------------------- building sections

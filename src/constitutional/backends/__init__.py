@@ -59,5 +59,6 @@ def import_backend(backend_name: str) -> Any:
     except ImportError as error:
         raise UserError(
             f"back end {backend_name!r} needs a package that is not installed ({error.name}); "
-            f"install it, e.g. `pip install 'constitutional[{backend_name}]'`"
+            f"install it from the checkout, e.g. `pip install -e '.[{backend_name}]'` (vLLM: in an environment "
+            "with its own torch)"
         ) from error

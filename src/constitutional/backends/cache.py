@@ -56,8 +56,10 @@ class CachingBackend(Backend):
         )
 
     def close(self) -> None:
-        self._db.close()
-        self.inner.close()
+        try:
+            self._db.close()
+        finally:
+            self.inner.close()  # the engine is freed even if the database was not
 
     def _through_cache(self, keys: list[str], compute: Any) -> list[Any]:
         """Look every key up; compute the misses in one batch call; store them; return in order."""

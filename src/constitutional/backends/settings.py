@@ -84,7 +84,7 @@ class OpenAISettings:
 
 @dataclass
 class VLLMSettings:
-    """The in-process vLLM engine (optional extra `constitutional[vllm]`)."""
+    """The in-process vLLM engine (optional extra `vllm`: `pip install -e '.[vllm]'` from a checkout)."""
 
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85

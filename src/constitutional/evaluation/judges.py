@@ -136,7 +136,7 @@ class PMJudge:
         return records
 
     def close(self) -> None:
-        del self.pm
+        self.pm = None  # the PM's weights go with the last reference (idempotent: a second close is a no-op)
 
 
 class ModelJudge:

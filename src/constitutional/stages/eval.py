@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,12 +44,13 @@ from constitutional.backends import Backend, SamplingParams
 from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions
 from constitutional.constitution import Constitution, load_constitution
-from constitutional.errors import require, require_positive
+from constitutional.errors import UserError, require, require_positive
 from constitutional.evaluation import questions
 from constitutional.evaluation.independence import Party, RunFacts, judge_description, verdict_fields
 from constitutional.evaluation.judges import ModelJudge, PMJudge, mc_item, model_judge_tasks, pm_tasks
 from constitutional.evaluation.metrics import PROMPT_SETS, compute_metrics
 from constitutional.evaluation.model_card import write_model_cards
+from constitutional.evaluation.prompt_sets import check_held_out, load_prompt_set, prompt_source
 from constitutional.evaluation.report import write_report
 from constitutional.preference import PreferenceModel
 from constitutional.prompts import STOP_STRINGS, render, trim_at_turn_marker
@@ -62,7 +63,7 @@ from constitutional.records import (
 from constitutional.rundir import ARTEFACTS, RunDir
 from constitutional.sections import CoreConfig, ModelSpec, PromptFormat, runtime
 from constitutional.seeding import seed_for
-from constitutional.sources import PromptItem, load_prompts
+from constitutional.sources import PromptItem
 from constitutional.training import SUMMARY, is_complete_model
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,6 @@ CONFIG_KEYS = (
     "feedback.num_fewshot",  # the judge's few-shot examples unless eval.judge_fewshot is set
     "data.human_preferences",  # named in the model cards
 )
-# `builtin` for each prompt set: the project's own prompt files (never trained on when eval's cap and
-# data.max_* leave enough of them over).
-BUILTIN = {
-    "red_team": "red_team_prompts.jsonl",
-    "helpful": "helpful_prompts.jsonl",
-    "over_refusal": "over_refusal_prompts.jsonl",
-}
-PREFIX = {"red_team": "rt", "helpful": "hp", "over_refusal": "or"}
 
 
 @dataclass
@@ -172,30 +165,29 @@ def check(config: CoreConfig, settings: Settings) -> Inputs:
     return Inputs(constitution, prompts, preamble, mc)
 
 
-def load_prompt_set(
-    config: CoreConfig, settings: Settings, prompt_set: str, exclude: set[str] | frozenset[str] = frozenset()
-) -> list[PromptItem]:
-    """Up to `eval.max_<set>` prompts of a set, skipping the texts in `exclude`."""
-    spec, cap = prompt_source(config, settings, prompt_set), getattr(settings, f"max_{prompt_set}")
-    if spec == "none" or cap == 0:
-        return []
-    return load_prompts(
-        spec,
-        prefix=PREFIX[prompt_set],
-        limit=cap,
-        base_dir=config.base_dir,
-        builtin=BUILTIN[prompt_set],
-        field=settings.prompt_field if spec != "builtin" else None,
-        exclude=exclude,
-    )
+def check_run(config: CoreConfig, settings: Settings, run_dir: RunDir, stages: Sequence[str]) -> None:
+    """Before any stage runs: refuse a prompt set that would have no prompt the run did not train on.
 
+    With critiques already made, the set is read past what the run trained on; with critique still
+    to run now, a set that it would read whole (`check_held_out`) is refused. Eval alone on a run
+    without critiques trains nothing away.
 
-def prompt_source(config: CoreConfig, settings: Settings, prompt_set: str) -> str:
-    """The source of a prompt set: `eval.<set>`, else the run's `data.<set>`."""
-    own = getattr(settings, prompt_set)
-    if own is not None:
-        return own
-    return getattr(config.data, prompt_set) if prompt_set != "over_refusal" else "builtin"
+    Raises:
+        UserError: naming `eval.<set>`.
+    """
+    trained = trained_prompts(run_dir)
+    for prompt_set in ("red_team", "helpful"):
+        if not trained:
+            if "critique" in stages:
+                check_held_out(config, settings, prompt_set)
+            continue
+        asked = getattr(settings, f"max_{prompt_set}") != 0 and prompt_source(config, settings, prompt_set) != "none"
+        if asked and not load_prompt_set(config, settings, prompt_set, exclude=trained):
+            raise UserError(
+                f"eval.{prompt_set}: no held-out prompts: every prompt of "
+                f"{prompt_source(config, settings, prompt_set)} is one the run trained on; set eval.{prompt_set} "
+                "to prompts the run does not train on, e.g. a test split"
+            )
 
 
 def input_hashes(inputs: Inputs) -> dict[str, str]:
