@@ -208,7 +208,8 @@ def affected_stages(run: RunDir, stale: dict[str, list[str]]) -> list[str]:
 
 def describe_stale(run: RunDir, stale: dict[str, list[str]], affected: list[str]) -> str:
     """The one-line refusal: what changed, and which stages `--rerun` would run again."""
-    changes = "; ".join(reason for reasons in stale.values() for reason in reasons)
+    # A changed model is read by several stages: each change is named once.
+    changes = "; ".join(dict.fromkeys(reason for reasons in stale.values() for reason in reasons))
     return (
         f"{run.root}: changed since the last run: {changes}; stages that would run again: {', '.join(affected)}. "
         "Add --rerun to rerun them (their current outputs are kept under previous/), or use another --run-dir"

@@ -129,7 +129,15 @@ class RunDir:
         seconds = None
         if started:
             seconds = (_dt.datetime.fromisoformat(ended) - _dt.datetime.fromisoformat(started)).total_seconds()
-        self.update_stage(stage, status="done", ended=ended, seconds=seconds, counts=counts)
+        # The content of each model folder it made, hashed once now, so that fingerprints survive a
+        # copy of the run directory (a copy keeps the bytes, not the modification times).
+        content = {
+            artefact: folder_content(self.path(artefact))
+            for artefact in artefacts_made_by(stage)
+            if self.path(artefact).is_dir()
+        }
+        fields = {"content": content} if content else {}
+        self.update_stage(stage, status="done", ended=ended, seconds=seconds, counts=counts, **fields)
 
     def fail_stage(self, stage: str, error: str) -> None:
         self.update_stage(stage, status="failed", ended=now(), error=error)
@@ -139,21 +147,29 @@ class RunDir:
     def fingerprint(self, artefact: str) -> str | None:
         """A fingerprint of an artefact's content (None if it is absent).
 
-        Record files are hashed whole (cheap). Model folders are fingerprinted by their files'
-        names, sizes and modification times: hashing tens of gigabytes of weights on every run
-        would cost minutes, and a model folder only ever changes by being replaced. Its model card
-        (README.md, written by stage `eval`) is documentation, not the model, and is left out.
+        Record files are hashed whole (cheap). A model folder is fingerprinted by its files' names
+        and SHA-256s. Those were hashed once, when the stage that made it finished (its manifest
+        entry's `content`, with each file's size and modification time): a file whose size and
+        time still match is not read again, so no run re-hashes gigabytes of weights, and a copy of
+        the run directory, whose times differ, hashes the same. Its model card (README.md, written
+        by stage `eval`) is documentation, not the model, and is left out. A folder made before
+        contents were recorded keeps its old fingerprint (names, sizes and times).
         """
         path = self.path(artefact)
         if path.is_file():
             return file_sha256(path)[:16]
-        if path.is_dir():
-            digest = hashlib.sha256()
-            for file in sorted(item for item in path.rglob("*") if item.is_file() and item.name != MODEL_CARD):
+        if not path.is_dir():
+            return None
+        recorded = self.stage_entry(ARTEFACTS[artefact].made_by).get("content", {}).get(artefact)
+        digest = hashlib.sha256()
+        for file in _model_files(path):
+            name = str(file.relative_to(path))
+            if recorded is None:
                 stat = file.stat()
-                digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-            return digest.hexdigest()[:16]
-        return None
+                digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            else:
+                digest.update(f"{name}:{_file_hash(file, recorded.get(name))}\n".encode())
+        return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------------- replacing outputs
 
@@ -190,3 +206,24 @@ class RunDir:
         write_json_atomic(self.manifest_path, manifest)
         log.info("moved the outputs of %s to %s", ", ".join(stages), target)
         return target
+
+
+def folder_content(folder: Path) -> dict[str, list[Any]]:
+    """{relative path: [size, modification time in ns, SHA-256]} of a model folder's files (README.md aside)."""
+    content = {}
+    for file in _model_files(folder):
+        stat = file.stat()
+        content[str(file.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns, file_sha256(file)]
+    return content
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(item for item in folder.rglob("*") if item.is_file() and item.name != MODEL_CARD)
+
+
+def _file_hash(file: Path, recorded: list[Any] | None) -> str:
+    """The file's SHA-256: the recorded one while its size and time are those recorded, else read now."""
+    stat = file.stat()
+    if recorded is not None and [stat.st_size, stat.st_mtime_ns] == recorded[:2]:
+        return recorded[2]
+    return file_sha256(file)
