@@ -785,3 +785,46 @@ def test_a_judge_server_whose_echo_cannot_be_read_stops_the_run_naming_url_and_s
     assert len(error.splitlines()) == 1, error
     assert f"models.feedback: the server at {url} does not echo" in error and "openai.scoring: top_logprobs" in error
     assert not run_dir.exists()
+
+
+def test_a_bug_in_our_reading_code_is_raised_as_itself_not_retried_as_a_flaky_server(server, monkeypatch):
+    url, state = server
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr("constitutional.backends.openai.echoed_option_logprob", broken)
+    backend = make_backend(url, scoring="echo", max_concurrency=1)
+    with pytest.raises(KeyError, match="a bug of ours"):
+        backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert len(state.bodies) == 1
+
+
+def test_top_logprobs_in_a_malformed_shape_are_a_malformed_answer_naming_the_server():
+    from constitutional.backends.answers import MalformedAnswer, top_logprob_positions
+
+    choice = {"logprobs": {"content": [{"token": "A", "top_logprobs": [{"token": "A", "logprob": "high"}]}]}}
+    with pytest.raises(MalformedAnswer, match=r"http://s/v1 returned top log-probabilities in an unexpected shape"):
+        top_logprob_positions(choice, "http://s/v1")
+
+
+def test_a_judge_server_that_stays_down_is_a_service_failure_not_bad_input(server, tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from constitutional.cli import main
+
+    from conftest import tiny_config_data
+
+    url, state = server
+    state.failing = True  # every request: HTTP 500
+    data = tiny_config_data(tiny_model_dir, tmp_path)
+    data["models"]["feedback"] = {"name": "judge", "backend": "openai"}
+    data["openai"] = {"base_url": url, "max_retries": 1, "backoff_initial_s": 0.01, "backoff_max_s": 0.01}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "failed after 2 attempts" in error and "HTTP 500" in error, error
+    assert not run_dir.exists()

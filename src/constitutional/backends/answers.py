@@ -75,8 +75,23 @@ def top_logprob_positions(choice: dict[str, Any], base_url: str) -> list[tuple[s
     /completions: `logprobs.tokens` and `logprobs.top_logprobs` (a dict per position); chat:
     `logprobs.content` (each with `token` and a `top_logprobs` list of {token, logprob}).
     """
-    logprobs = choice.get("logprobs")
-    positions = []
+    try:
+        positions = _top_positions(choice.get("logprobs"))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # a field missing or not a number
+        raise MalformedAnswer(
+            f"the server at {base_url} returned top log-probabilities in an unexpected shape "
+            f"({type(error).__name__}: {error}): {one_line(json.dumps(choice.get('logprobs')))!r}"
+        ) from None
+    if not positions:
+        raise MalformedAnswer(
+            f"the server at {base_url} returned no top log-probabilities: option scoring needs `echo` with "
+            "`logprobs` on /completions, or `logprobs` with top-k alternatives on the generated tokens"
+        )
+    return positions
+
+
+def _top_positions(logprobs: Any) -> list[tuple[str, dict[str, float]]]:
+    positions: list[tuple[str, dict[str, float]]] = []
     if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
         for entry in logprobs["content"]:
             tops = entry.get("top_logprobs") if isinstance(entry, dict) else None
@@ -89,11 +104,6 @@ def top_logprob_positions(choice: dict[str, Any], base_url: str) -> list[tuple[s
             if not isinstance(tops, dict) or not tops or index >= len(tokens):
                 break
             positions.append((str(tokens[index]), {str(token): float(value) for token, value in tops.items()}))
-    if not positions:
-        raise MalformedAnswer(
-            f"the server at {base_url} returned no top log-probabilities: option scoring needs `echo` with "
-            "`logprobs` on /completions, or `logprobs` with top-k alternatives on the generated tokens"
-        )
     return positions
 
 
@@ -201,8 +211,11 @@ def echoed_option_logprob(logprobs: Any, option: str, base_url: str) -> float:
     for index in range(len(echoed) - 1, 0, -1):
         if remaining <= 0:
             break
-        if values[index] is None:
-            raise UserError(f"the server at {base_url} returned no log-probability for echoed token {index}: {fix}")
+        if not isinstance(values[index], (int, float)):
+            raise UserError(
+                f"the server at {base_url} returned {values[index]!r} as the log-probability of echoed token {index}: "
+                f"{fix}"
+            )
         total += float(values[index])
         remaining -= len(echoed[index])
     if remaining > 0:  # the option reaches back to the first token, which has no log-prob

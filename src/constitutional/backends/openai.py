@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from constitutional.backends.answers import (
+    MalformedAnswer,
     choice_text,
     echoed_option_logprob,
     first_choice,
@@ -46,7 +47,7 @@ from constitutional.backends.answers import (
 from constitutional.backends.base import Backend, SamplingParams, cut_at_stop
 from constitutional.backends.settings import OpenAISettings
 from constitutional.backends.transport import RejectedRequest, Transport
-from constitutional.errors import UserError
+from constitutional.errors import ServiceError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +209,12 @@ class OpenAIBackend(Backend):
             try:
                 self._score_one(prompt, options[0], probing=True)
                 return "echo"
-            except (RuntimeError, UserError) as error:
+            except (MalformedAnswer, UserError) as error:  # a server down (ServiceError) is not a missing feature
                 lacks.append(f"echo ({error})")
         try:
             self._score_top(prompt, options, probing=True)
             return "top_logprobs"
-        except (RuntimeError, UserError) as error:
+        except (MalformedAnswer, UserError) as error:
             lacks.append(f"top_logprobs ({error})")
         raise UserError(f"the server at {self.base_url} answers neither way of scoring options: " + "; ".join(lacks))
 
@@ -375,7 +376,9 @@ def check_option_scoring(model_name: str, settings: OpenAISettings, key: str) ->
         probe.score_options([PROBE_PROMPT], PROBE_OPTIONS)
     except UserError as error:
         raise UserError(f"{key}: {error}") from None
-    except RuntimeError as error:
+    except ServiceError:  # still down after the retries: a service failure (exit 1), not bad input
+        raise
+    except MalformedAnswer as error:
         raise UserError(
             f"{key}: the server at {probe.base_url} cannot score options by {settings.scoring}: {error}"
         ) from None

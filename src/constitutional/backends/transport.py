@@ -203,7 +203,7 @@ class Transport:
             path: "completions" or "chat/completions".
             body: the JSON request.
             parse: reads what the caller needs from the answer's JSON; a shape it cannot read
-                (`MalformedAnswer`, or a KeyError, TypeError, ... on the server's data) is retried.
+                (`MalformedAnswer`, raised where the field is read) is retried.
             retry_malformed: False while probing what a server supports: an answer without the
                 log-probs asked for (a missing capability answers the same every time) is reported
                 at once; a body that is not JSON at all is still retried.
@@ -329,19 +329,13 @@ def _http_client(api_key: str | None, timeout_s: float, connections: int) -> htt
 
 
 def _read_answer(response: httpx.Response, url: str, parse: Callable[[dict[str, Any]], R] | None) -> Any:
-    """The answer's JSON object, read by `parse`; any shape `parse` cannot read is a MalformedAnswer."""
+    """The answer's JSON object, read by `parse` (which raises MalformedAnswer on a shape it cannot read)."""
     data = _json_body(response, url)
     if parse is None:
         return data
-    try:
-        return parse(data)
-    except MalformedAnswer:
-        raise
-    # The server's data, not our code, is what these come from: a field missing or of another type.
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
-        raise MalformedAnswer(
-            f"{url} answered in an unexpected shape ({type(error).__name__}: {error}): {one_line(response.text)!r}"
-        ) from None
+    # The readers (answers.py) turn a field that is missing or of another type into MalformedAnswer
+    # where they read it; any other exception from `parse` is a bug of ours, raised as it is.
+    return parse(data)
 
 
 def _json_body(response: httpx.Response, url: str) -> dict[str, Any]:
