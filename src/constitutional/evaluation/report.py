@@ -286,13 +286,10 @@ def _rl(run_dir: RunDir) -> str:
     if not (curves.exists() or history):
         return ""
     parts = ["<h2>RL-CAI training</h2>"]
-    if history:
-        last = history[-1]
-        keys = ("step", "mean_reward", "kl", "kl_coef", "entropy", "response_length")
-        shown = {key: last[key] for key in keys if key in last}
-        parts.append(_table(tuple(shown), [tuple(shown.values())]))
-    if curves.exists():
-        parts.append(_image(curves.read_bytes(), "RL curves"))
+    keys = ("step", "mean_reward", "kl", "kl_coef", "entropy", "response_length")
+    shown = {key: history[-1][key] for key in keys if key in history[-1]} if history else {}
+    parts += [_table(tuple(shown), [tuple(shown.values())])] if shown else []
+    parts += [_image(curves.read_bytes(), "RL curves")] if curves.exists() else []
     return "\n".join(parts)
 
 
@@ -492,9 +489,12 @@ def _principle_texts(run_dir: RunDir) -> dict[str, str]:
     """Critique principle id -> its critique request, when the run's constitution can be loaded."""
     from constitutional.constitution import load_constitution
 
-    config = _read_yaml(run_dir.config_path) or {}
+    config = _read_yaml(run_dir.config_path)
+    if config is None and run_dir.config_path.exists():  # never the default constitution's texts instead
+        log.warning("%s: not a readable config; principle texts left out of the report", run_dir.config_path)
+        return {}
     try:
-        constitution = load_constitution(str(config.get("constitution", "default")), run_dir.root)
+        constitution = load_constitution(str((config or {}).get("constitution", "default")), run_dir.root)
     except (UserError, OSError):
         return {}
     return {principle.id: principle.critique_request for principle in constitution.critique_principles}
