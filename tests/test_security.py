@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ast
 import logging
+import pickle
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -120,3 +123,64 @@ def test_an_api_key_is_never_written(tmp_path, tiny_model_dir, monkeypatch, caps
     for text in (captured.out, captured.err, caplog.text):
         assert secret not in text
     assert "***" in caplog.text or "***" in captured.err  # masked where the server quoted it
+
+
+@pytest.mark.parametrize("tamper", ["pickle", "truncated"])
+def test_a_checkpoint_that_cannot_be_loaded_safely_is_one_line_never_a_traceback_or_the_unsafe_advice(
+    tmp_path, tiny_model_dir, tamper
+):
+    """A resumed sl whose checkpoint's optimizer state is a code-running pickle, or cut short: exit 2, one line
+    naming the checkpoint and what to do; the pickle's code never runs."""
+    import subprocess
+    import sys
+
+    from test_sl_stage import write_critiques
+
+    data = tiny_config_data(tiny_model_dir, tmp_path, sl={"batch_size": 2, "max_length": 64, "save_steps": 1,
+                                                          "epochs": 2})  # fmt: skip
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    run = RunDir(tmp_path / "run")
+    write_critiques(run)
+    from constitutional.stages import sl
+
+    config_data = config_from_dict(data)
+    base = resolve(tiny_model_dir)
+    from constitutional.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    examples, _ = sl.load_examples(run.path("critiques"), config_data.sl, config_data.seed, tokenizer.eos_token)
+    sl.train(config_data.training, config_data.sl, config_data.seed, base, tokenizer, examples, run.checkpoints("sl"))
+    # Resume from the one before the last, so that steps remain and the optimizer state is read.
+    *earlier, last = sorted(run.checkpoints("sl").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    shutil.rmtree(last)
+    checkpoint = earlier[-1]
+    optimizer = checkpoint / "optimizer.pt"
+    marker = tmp_path / "pwned"
+    if tamper == "pickle":
+        optimizer.write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    else:
+        optimizer.write_bytes(optimizer.read_bytes()[:100])
+    result = subprocess.run([sys.executable, "-m", "constitutional.cli", "run", str(config), "--run-dir",
+                             str(run.root), "--stages", "sl"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"cai: error: sl: the checkpoint {checkpoint} cannot be loaded safely"), line
+    assert f"rm -r {checkpoint.parent}" in line and not marker.exists()
+
+
+class _RunsCode:
+    """A pickle that would create a file when unpickled (if anything ever unpickled it unsafely)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def resolve(path):
+    from constitutional.models import resolve_model_name
+
+    return resolve_model_name(str(path))

@@ -67,6 +67,75 @@ def render_plain(turns: Sequence[Turn], next_role: str, preamble: Sequence[str] 
     return "\n\n".join(parts)
 
 
+# The chat template saved with SL-CAI and RL-CAI (`plain_chat_template`): the transcript `render_plain`
+# writes, in Jinja. Every message becomes one block, the blocks are joined by a blank line, and the
+# generation prompt is the bare "Assistant:" label that ends every training prompt (the model writes
+# the space after it). A system message, first only, is an instruction block placed before the
+# turns, as `render_plain`'s `preamble`; an empty one is left out, as an empty preamble block is.
+# Whitespace control (`{%-`, `-%}`) on every tag: it renders the same with or without the
+# trim_blocks/lstrip_blocks options that transformers and vLLM set.
+_PLAIN_CHAT_TEMPLATE = r"""{#- The plain transcript this model was trained on: constitutional.prompts.render_plain -#}
+{%- set ns = namespace(blocks=[]) -%}
+{%- for message in messages -%}
+{%- if message['content'] is not string -%}
+{{- raise_exception('Only text content is supported, as a string') -}}
+{%- elif message['role'] == 'system' and loop.first -%}
+{%- if message['content'] | trim -%}
+{%- set ns.blocks = ns.blocks + [message['content'] | trim] -%}
+{%- endif -%}
+{%- elif message['role'] == 'user' -%}
+{%- set ns.blocks = ns.blocks + ['@HUMAN@: ' + (message['content'] | trim)] -%}
+{%- elif message['role'] == 'assistant' -%}
+{%- set ns.blocks = ns.blocks + ['@ASSISTANT@: ' + (message['content'] | trim)] -%}
+{%- elif message['role'] == 'system' -%}
+{{- raise_exception('A system message must come first') -}}
+{%- else -%}
+{{- raise_exception('Unknown role ' + message['role'] + ': expected system, user or assistant') -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt is defined and add_generation_prompt -%}
+{%- set ns.blocks = ns.blocks + ['@ASSISTANT@:'] -%}
+{%- endif -%}
+@BOS@{{- ns.blocks | join('\n\n') -}}"""
+
+
+def plain_chat_template(bos_token: bool) -> str:
+    """A Jinja chat template that renders messages exactly as `render_plain` renders their turns.
+
+    Saved with the causal LMs trained on plain transcripts (SL-CAI, RL-CAI: `training.save_model_atomic`),
+    so `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` and `vllm serve` give
+    the prompt the model learned: for user/assistant messages (`CHAT_ROLES`), the text of
+    `render_plain(turns, "assistant")`; a first system message is a `preamble` block. Other roles,
+    a later system message or non-string content raise an error. No end-of-sequence token follows
+    an assistant message: none does in a training prompt's history either.
+
+    Args:
+        bos_token: start with `{{ bos_token }}`; true for a tokenizer that adds a BOS token when it
+            tokenises (training prompts are tokenised so). A chat template's text is tokenised
+            without special tokens (`apply_chat_template(tokenize=True)`, vLLM's chat endpoint,
+            `backends.base.prompt_token_ids`), so the template writes the BOS itself, and the ids
+            match the training prompt's: one BOS, then the transcript.
+
+    Returns:
+        The template source.
+    """
+    return (
+        _PLAIN_CHAT_TEMPLATE.replace("@HUMAN@", PLAIN_LABELS["human"])
+        .replace("@ASSISTANT@", PLAIN_LABELS["assistant"])
+        .replace("@BOS@", "{{- bos_token -}}" if bos_token else "")
+    )
+
+
+def is_plain_chat_template(template: object) -> bool:
+    """Whether `template` (a tokenizer's `chat_template`) is `plain_chat_template`'s, with or without BOS.
+
+    Such a tokenizer belongs to a model trained on plain transcripts (a saved SL-CAI or RL-CAI):
+    a back end can treat it as having no chat template, so `prompt_format: auto` keeps rendering
+    plain transcripts with their few-shot preamble for it.
+    """
+    return template in (plain_chat_template(bos_token=True), plain_chat_template(bos_token=False))
+
+
 def render_chat(backend: Backend, turns: Sequence[Turn], next_role: str) -> str | None:
     """Render with the model's chat template, or None when the model has none.
 

@@ -1,21 +1,39 @@
 """Rows from a source spec: built-in prompt sets, local files and Hugging Face datasets.
 
-A spec is `builtin` (an asset in `constitutional/assets/`), `hf:<dataset id>[:<split>]`, or a
+A spec is `builtin` (an asset in `constitutional/assets/`), a Hugging Face dataset (below), or a
 path: `.jsonl`, `.json` (a list of rows), `.csv` (with a header row) or `.txt` (one prompt per
 non-blank line), each optionally gzipped (`.gz`). Each row comes with where it was read
 ("file:LINE", "file: item N", "hf:... row N") for error messages; `sources.py` makes prompts and
 preference pairs of them. Files are read line by line (gzip decompressed as it goes): a capped
 load stops early, and no file is ever held whole in memory, except a `.json` list, which is
 parsed as one document.
+
+A Hugging Face dataset is `hf:<dataset id>[:<split>][?<option>=<value>&...]`, loaded with
+`datasets.load_dataset(id, name=..., data_dir=..., split=..., revision=...)`. The options:
+
+- `name`: the config name (for datasets that define several configs);
+- `data_dir`: the folder inside the repository to read (HH-RLHF keeps `harmless-base`,
+  `helpful-base`, ... as folders of one repository);
+- `split`: the split, default `train` (also written `hf:<id>:<split>`; not both); slices such as
+  `train[:1000]` are passed on as they are;
+- `revision`: a commit, tag or branch of the repository (ignored for a local folder).
+
+For example `hf:Anthropic/hh-rlhf?data_dir=harmless-base&split=test&revision=<commit>`. A local
+folder (relative to the config's folder) works as the id too. A malformed spec, an unknown option,
+config name or split is a one-line `UserError` that starts with the spec.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import json
+import logging
+import re
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +43,11 @@ from constitutional.errors import UserError
 Row = Any  # a dict (or, in .json lists and JSONL, a bare string) as read from the source
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".txt")
+
+HF_OPTIONS = ("name", "data_dir", "split", "revision")
+HF_SYNTAX = "hf:<dataset id>[:<split>][?name=<config>&data_dir=<folder>&split=<split>&revision=<commit>]"
+
+log = logging.getLogger(__name__)
 
 
 def open_source(spec: str, base_dir: Path, builtin: str | None) -> tuple[str, Iterator[tuple[str, Row]]]:
@@ -139,22 +162,95 @@ def _txt_rows(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str
             yield f"{name}:{number}", line.strip()
 
 
-def _hf_rows(spec: str, base_dir: Path) -> Iterator[tuple[str, Row]]:
-    """Rows of `hf:<dataset id>[:<split>]`; a local folder (relative to base_dir) works as the id."""
-    dataset_id, _, split = spec.removeprefix("hf:").partition(":")
+@dataclass(frozen=True)
+class HfSpec:
+    """A parsed `hf:` spec: what `datasets.load_dataset` is given (see the module docstring)."""
+
+    dataset_id: str
+    name: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+def parse_hf_spec(spec: str) -> HfSpec:
+    """Parse `hf:<dataset id>[:<split>][?name=..&data_dir=..&split=..&revision=..]`.
+
+    Args:
+        spec: the source spec, starting with "hf:".
+
+    Returns:
+        The dataset id (as written: a local folder is resolved when loading) and its options.
+
+    Raises:
+        UserError: no dataset id, an option without a value, an unknown or repeated option, or the
+            split given both as `:<split>` and as `split=`.
+    """
+    base, question, query = spec.removeprefix("hf:").partition("?")
+    dataset_id, _, split = base.partition(":")
     if not dataset_id:
-        raise UserError(f"{spec}: expected hf:<dataset id> or hf:<dataset id>:<split>")
-    local = Path(dataset_id).expanduser()
+        raise UserError(f"{spec}: expected {HF_SYNTAX}")
+    options: dict[str, str] = {}
+    if question:
+        for item in query.split("&"):
+            if not item:
+                raise UserError(f"{spec}: empty option: write <option>=<value> after '?', joined by '&' ({HF_SYNTAX})")
+            key, equals, value = item.partition("=")
+            if key not in HF_OPTIONS:
+                known = ", ".join(HF_OPTIONS)
+                raise UserError(f"{spec}: unknown option {key!r} (expected {known}; syntax {HF_SYNTAX})")
+            if not (equals and value):
+                raise UserError(f"{spec}: option {key!r} needs a value ({key}=<value>; syntax {HF_SYNTAX})")
+            if key in options:
+                raise UserError(f"{spec}: option {key!r} given twice")
+            options[key] = value
+    if split and "split" in options:
+        raise UserError(f"{spec}: the split is given twice (as ':{split}' and as 'split='): give one")
+    if split:
+        options["split"] = split
+    return HfSpec(dataset_id, **options)
+
+
+def _hf_rows(spec: str, base_dir: Path) -> Iterator[tuple[str, Row]]:
+    """Rows of an `hf:` spec; a local folder (relative to base_dir) works as the id."""
+    parsed = parse_hf_spec(spec)
+    local = Path(parsed.dataset_id).expanduser()
     local = local if local.is_absolute() else base_dir / local
-    source = str(local) if local.exists() else dataset_id
+    source = str(local) if local.exists() else parsed.dataset_id
+    if parsed.revision is not None and local.exists():
+        log.warning("%s: revision %r is ignored: %s is a local folder", spec, parsed.revision, local)
     import datasets  # lazy: only hf: sources need it, and it is slow to import
 
     try:
-        dataset = datasets.load_dataset(source, split=split or "train")
+        dataset = datasets.load_dataset(
+            source, name=parsed.name, data_dir=parsed.data_dir, split=parsed.split, revision=parsed.revision
+        )
     # What loading can meet that is the input's fault or the network's: the library's own errors,
     # files or hub entries missing, unreachable or refused (OSError: the hub's HTTP errors are
-    # OSErrors), an unknown split or a column that does not cast (ValueError). Anything else is a bug.
+    # OSErrors), an unknown config, an unknown split or a column that does not cast (ValueError).
+    # Anything else is a bug.
     except (datasets.exceptions.DatasetsError, OSError, ValueError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise UserError(f"{spec}: could not load dataset: {message}") from None
+        raise UserError(f"{spec}: could not load dataset: {_load_problem(error)}") from None
     return ((f"{spec} row {index}", row) for index, row in enumerate(dataset, start=1))
+
+
+def _load_problem(error: Exception) -> str:
+    """`datasets`' error in one line; an unknown config or split says what the dataset has."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    hint = "pick one with ?name=<config>"
+    if match := re.search(r"BuilderConfig '(.*?)' not found\. Available: (\[.*?\])", message):
+        return f"unknown config name {match[1]!r} (available: {_names(match[2])}; {hint})"
+    if match := re.search(r"Config name is missing\..*?available configs: (\[.*?\])", message):
+        return f"the dataset has several configs and no name was given (available: {_names(match[1])}; {hint})"
+    if match := re.search(r'Unknown split "(.*?)"\. Should be one of (\[.*?\])', message):
+        return f"unknown split {match[1]!r} (available: {_names(match[2])})"
+    return message
+
+
+def _names(listed: str) -> str:
+    """A list as `datasets` prints it ("['a', 'b']") as "a, b"; the text itself if it is not one."""
+    try:
+        names = ast.literal_eval(listed)
+    except (ValueError, SyntaxError):
+        return listed
+    return ", ".join(str(name) for name in names) if isinstance(names, list) else listed

@@ -4,17 +4,32 @@ A source is named by a spec string (config keys `data.red_team`, `data.helpful`,
 `data.human_preferences`):
 
 - `builtin`: a prompt set shipped in `constitutional/assets/`;
-- `hf:<dataset id>` or `hf:<dataset id>:<split>` (default split `train`; a local folder works as
-  the id too): loaded with `datasets.load_dataset`;
+- `hf:<dataset id>[:<split>][?name=<config>&data_dir=<folder>&split=<split>&revision=<commit>]`:
+  loaded with `datasets.load_dataset` (default split `train`; a local folder works as the id too;
+  every option is optional), e.g. `hf:Anthropic/hh-rlhf?data_dir=harmless-base&split=test` (the
+  options are described in `source_rows.py`);
 - a path, relative to the config's folder: `.jsonl`, `.json` (a list of rows), `.csv` (with a
   header row) or `.txt` (one prompt per non-blank line), each optionally gzipped (`.gz`).
 
 Rows are read the same way whatever the container: the first field present of `prompt`,
 `chosen` (an HH-RLHF transcript), `instruction` (self-instruct or Alpaca style), `question`,
 `text`, `goal` (AdvBench, HarmBench), `Behavior` (HarmBench's CSV), `turns` (a list of user turns,
-as in MT-Bench: the first one is the prompt); or the one field a caller names. Prompt ids are
-content hashes, so the same prompt from two files gets the same id and duplicates collapse. Every
-problem with the input is a one-line `UserError` naming the file and, where there is one, the line.
+as in MT-Bench: the first one is the prompt), and last `messages` (a conversation, below); or the
+one field a caller names. Prompt ids are content hashes, so the same prompt from two files gets the
+same id and duplicates collapse. Every problem with the input is a one-line `UserError` naming the
+file and, where there is one, the line.
+
+Conversational rows hold message lists, `[{"role": "user" | "assistant" | "system", "content":
+"..."}, ...]`, in `messages` (chat data), in `prompt` (TRL's conversational prompts), or in
+`chosen` / `rejected` (preference data such as HuggingFaceH4/ultrafeedback_binarized, where each is
+the whole conversation and its last message the assistant's answer). The prompt is the last user
+turn, and the turns before it its history, user turns as "human"; assistant turns after the last
+user turn are not part of the prompt. System messages are dropped, wherever they stand: a history
+holds only human and assistant turns. In a comparison, `chosen` and `rejected` must end with the
+assistant's answer (several assistant messages in a row are joined, as in HH-RLHF); a `prompt`
+field is read only when the conversations hold no user turn (TRL's explicit-prompt form), since
+UltraFeedback's `prompt` repeats the conversation's last user turn.
+
 Files are read line by line (gzip decompressed as it goes): a capped load stops early, and no file
 is ever held whole in memory, except a `.json` list, which is parsed as one document.
 
@@ -39,6 +54,10 @@ from constitutional.source_rows import Row, open_source
 log = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "chosen", "instruction", "question", "text", "goal", "Behavior", "turns")
+# Read after every PROMPT_FIELDS entry, so rows that have one of those keep their prompt (and id).
+MESSAGES_FIELD = "messages"
+# Message roles as turn roles; None: dropped (a history has only human and assistant turns).
+MESSAGE_ROLES = {"user": "human", "assistant": "assistant", "system": None}
 
 
 @dataclass(frozen=True)
@@ -73,12 +92,14 @@ def load_prompts(
     """Load prompts from a built-in set, a local file or a Hugging Face dataset.
 
     Args:
-        spec: "builtin", "hf:<dataset id>[:<split>]", or a file path (see the module docstring).
+        spec: "builtin", "hf:<dataset id>[:<split>][?name=..&data_dir=..&split=..&revision=..]",
+            or a file path (see the module docstring).
         prefix: id prefix, e.g. "rt" for red-team prompts.
         limit: keep at most this many prompts (the first ones, after de-duplication).
         base_dir: folder that relative paths (and local `hf:` folders) are resolved against.
         builtin: the asset file that "builtin" means, e.g. "red_team_prompts.jsonl".
-        field: read the prompt from this field only (default: the first of PROMPT_FIELDS present).
+        field: read the prompt from this field only (default: the first of PROMPT_FIELDS present,
+            else `messages`).
         exclude: prompt texts to skip (e.g. the prompts a model was trained on); skipped prompts
             do not count towards `limit`.
 
@@ -115,14 +136,15 @@ def load_preference_pairs(
     prefix: str = "pair",
     builtin: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Load human comparisons in the HH-RLHF format (plain or gzipped JSONL, JSON, CSV, or `hf:`).
+    """Load human comparisons (plain or gzipped JSONL, JSON, CSV, or `hf:`).
 
     Each row has `chosen` and `rejected` transcripts that share the conversation up to the last
-    Human turn and differ in the final Assistant reply. Rows that already hold the pieces
-    (`prompt`, plus `chosen` / `rejected` replies) are accepted too.
+    Human turn and differ in the final Assistant reply: HH-RLHF text transcripts, or message lists
+    whose last message is the assistant's (see the module docstring). Rows that already hold the
+    pieces (`prompt`, plus `chosen` / `rejected` replies) are accepted too.
 
     Args:
-        spec: "hf:<dataset id>[:<split>]" or a file path.
+        spec: "hf:<dataset id>[:<split>][?name=..&data_dir=..&split=..&revision=..]" or a file path.
         limit: keep at most this many pairs (the first ones, after de-duplication).
         base_dir: folder that relative paths are resolved against.
         prefix: id prefix.
@@ -131,8 +153,8 @@ def load_preference_pairs(
     Returns:
         Dicts {"id", "prompt", "history", "chosen", "rejected"}: `history` is a tuple of
         (role, text) turns before the prompt, `chosen` / `rejected` the final replies. Pairs with
-        identical replies are kept (they are part of the data); rows whose transcripts differ
-        before the final reply are skipped with a warning.
+        identical replies are kept (they are part of the data); rows whose transcripts (or
+        conversations) differ before the final reply are skipped with a warning.
 
     Raises:
         UserError: the source is missing or malformed, or holds no pairs.
@@ -185,13 +207,18 @@ def _prompt_from_row(row: Row, where: str, field: str | None = None) -> tuple[st
         raise UserError(f"{where}: expected a JSON object or string, got {type(row).__name__}")
     if field is not None and row.get(field) is None:
         raise UserError(f"{where}: no field {field!r}")
-    field = field or next((name for name in PROMPT_FIELDS if row.get(name) is not None), None)
+    fields = (*PROMPT_FIELDS, MESSAGES_FIELD)
+    field = field or next((name for name in fields if row.get(name) is not None), None)
     if field is None:
-        raise UserError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})")
+        expected = ", ".join(PROMPT_FIELDS)
+        raise UserError(f"{where}: no prompt field (expected one of {expected}) nor a '{MESSAGES_FIELD}' list")
     if field == "turns":
         return _first_turn(row[field], where), ()
-    value = _require_text(row[field], field, where)
     history = _explicit_history(row, where)
+    if field == MESSAGES_FIELD or (field in ("prompt", "chosen") and isinstance(row[field], list)):
+        prompt, earlier = _conversation_prompt(row[field], field, where)
+        return prompt, history + earlier
+    value = _require_text(row[field], field, where)
     if field == "chosen" or (field == "prompt" and looks_like_transcript(value)):
         prompt, earlier = _transcript_prompt(value, field, where)
         return prompt, history + earlier
@@ -254,8 +281,16 @@ def _explicit_history(row: dict[str, Any], where: str) -> tuple[Turn, ...]:
 
 def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
     """One comparison from a row, or None when chosen and rejected differ before the last reply."""
-    if not (isinstance(row, dict) and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
-        raise UserError(f"{where}: no chosen/rejected fields (expected HH-RLHF comparison rows)")
+    if not (isinstance(row, dict) and row.get("chosen") is not None and row.get("rejected") is not None):
+        raise UserError(f"{where}: no chosen/rejected fields (expected HH-RLHF comparison rows or message lists)")
+    if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+        return _conversation_pair(row, where)
+    if not (isinstance(row["chosen"], str) and isinstance(row["rejected"], str)):
+        kinds = f"{type(row['chosen']).__name__} and {type(row['rejected']).__name__}"
+        raise UserError(
+            f"{where}: fields 'chosen' and 'rejected' must be HH-RLHF transcripts (strings) or message lists, "
+            f"got {kinds}"
+        )
     for field in ("chosen", "rejected"):
         if not row[field].strip():
             raise UserError(f"{where}: field {field!r} is empty")
@@ -265,3 +300,72 @@ def _pair_from_row(row: Row, where: str) -> dict[str, Any] | None:
         chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
         return {"prompt": prompt, "history": history, "chosen": chosen, "rejected": rejected}
     return split_comparison(row["chosen"], row["rejected"], where)
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+def _message_turns(messages: Any, field: str, where: str) -> list[Turn]:
+    """A message list as turns: "user" becomes "human", "assistant" stays, "system" is dropped."""
+    if not isinstance(messages, list):
+        raise UserError(
+            f"{where}: field '{field}' must be a list of {{role, content}} messages, got {type(messages).__name__}"
+        )
+    turns = []
+    for number, message in enumerate(messages, start=1):
+        at = f"{where}: field '{field}' message {number}"
+        if not isinstance(message, dict):
+            raise UserError(f"{at}: expected a {{role, content}} object, got {type(message).__name__}")
+        if not (isinstance(message.get("role"), str) and message["role"] in MESSAGE_ROLES):
+            raise UserError(f"{at}: role {message.get('role')!r} (expected 'user', 'assistant' or 'system')")
+        if not isinstance(message.get("content"), str):
+            raise UserError(f"{at}: 'content' must be a string, got {type(message.get('content')).__name__}")
+        role = MESSAGE_ROLES[message["role"]]
+        if role is not None:
+            turns.append((role, message["content"].strip()))
+    return turns
+
+
+def _split_at_last_user(turns: list[Turn]) -> tuple[list[Turn], list[Turn]]:
+    """(the turns up to and including the last human turn, the turns after it); ([], turns) without one."""
+    last = max((index for index, (role, _) in enumerate(turns) if role == "human"), default=-1)
+    return turns[: last + 1], turns[last + 1 :]
+
+
+def _conversation_prompt(messages: Any, field: str, where: str) -> tuple[str, tuple[Turn, ...]]:
+    """(the last user turn, the turns before it) of a message list."""
+    context, _ = _split_at_last_user(_message_turns(messages, field, where))
+    if not context:
+        raise UserError(f"{where}: field '{field}': no user turn")
+    if not context[-1][1]:
+        raise UserError(f"{where}: field '{field}': the last user turn is empty")
+    return context[-1][1], tuple(context[:-1])
+
+
+def _conversation_pair(row: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """A comparison of two message lists, or None when they differ before the assistant's answer."""
+    sides = []
+    for field in ("chosen", "rejected"):
+        turns = _message_turns(row[field], field, where)
+        if not turns or turns[-1][0] != "assistant":
+            found = "it has no user or assistant messages" if not turns else "it ends with a user turn"
+            raise UserError(f"{where}: field '{field}': the last message must be the assistant's answer ({found})")
+        sides.append(_split_at_last_user(turns))
+    (context, chosen), (other, rejected) = sides
+    if context != other:
+        return None
+    if context:
+        if not context[-1][1]:
+            raise UserError(f"{where}: field 'chosen': the last user turn is empty")
+        prompt, history = context[-1][1], tuple(context[:-1])
+    elif row.get("prompt") is not None:
+        # TRL's explicit-prompt form: the prompt apart, chosen and rejected only the answers.
+        prompt, history = _prompt_from_row({"prompt": row["prompt"], "history": row.get("history")}, where)
+    else:
+        raise UserError(f"{where}: field 'chosen': no user turn (and no 'prompt' field)")
+    return {"prompt": prompt, "history": history, "chosen": _joined(chosen), "rejected": _joined(rejected)}
+
+
+def _joined(turns: list[Turn]) -> str:
+    # Several assistant messages after the last user turn are together the reply being judged.
+    return "\n\n".join(text for _, text in turns).strip()

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from constitutional.distributed import is_main_process, sharding_strategy, wait_for_everyone, world_size
 from constitutional.errors import UserError, require, require_positive
+from constitutional.prompts import plain_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +420,11 @@ def save_model_atomic(
     `output` is replaced: callers check `is_complete_model` first, so it is a leftover without a
     summary (a directory copied in by hand, an older layout), never a finished model.
 
+    A causal LM's tokenizer is saved with the chat template of the plain transcript it was trained
+    on (`prompts.plain_chat_template`), replacing any template of the base model's, so that
+    `apply_chat_template` and `vllm serve` on `output` render that format; a sequence classifier's
+    (the PM's) is saved as it is. The caller's tokenizer object is left unchanged.
+
     Args:
         model: what to save, with `save_pretrained`; a LoRA model merged by the caller if wanted
             (unmerged, PEFT saves the adapter alone).
@@ -436,9 +442,60 @@ def save_model_atomic(
 
 def _finish_partial(partial: Path, tokenizer: Any, output: Path, summary: dict[str, Any], trainer_state: Any) -> None:
     """Add tokenizer, trainer state and summary to the weights in `partial`, then rename it to `output`."""
-    tokenizer.save_pretrained(partial)
+    _save_tokenizer(tokenizer, partial)
     if trainer_state is not None:
         trainer_state.save_to_json(str(partial / "trainer_state.json"))
     (partial / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(output, ignore_errors=True)
     os.replace(partial, output)
+
+
+# What a tokenizer's chat template is saved as (transformers 5: the .jinja files; older: the .json).
+_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")
+
+
+def _save_tokenizer(tokenizer: Any, partial: Path) -> None:
+    """Save `tokenizer` into `partial`; a causal LM's with the plain transcript's chat template.
+
+    The template is set for the save only, so the caller's tokenizer renders as before. Template
+    files already in `partial` (under ZeRO-3 or FSDP, `Trainer.save_model` saved the tokenizer with
+    the base model's template) are removed first: a named template of the base model's left in
+    `additional_chat_templates/` would load back next to ours.
+    """
+    if _is_sequence_classifier(partial):
+        tokenizer.save_pretrained(partial)
+        return
+    for name in _CHAT_TEMPLATE_FILES:
+        path = partial / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    original = tokenizer.chat_template
+    tokenizer.chat_template = plain_chat_template(bos_token=_adds_bos(tokenizer))
+    try:
+        tokenizer.save_pretrained(partial)
+    finally:
+        tokenizer.chat_template = original
+
+
+def _is_sequence_classifier(partial: Path) -> bool:
+    """Whether the model saved in `partial` is a sequence classifier (the PM), from its saved config.
+
+    Anything else (`LlamaForCausalLM`, `Gemma3ForCausalLM`, a causal LoRA adapter) is taken for a
+    causal LM: every other model this package saves is one.
+    """
+    adapter = partial / "adapter_config.json"
+    if adapter.exists():
+        return json.loads(adapter.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS"
+    config = partial / "config.json"
+    if not config.exists():
+        return False
+    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether `tokenizer` puts its BOS token in front when it tokenises text, as training prompts are."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("Human:")["input_ids"][:1] == [bos]

@@ -25,6 +25,7 @@ from constitutional.backends.base import (
     cut_at_stop,
     prompt_and_option_ids,
     prompt_token_ids,
+    renders_chat,
 )
 from constitutional.backends.settings import TransformersSettings
 from constitutional.models import choose_dtype, fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
@@ -122,7 +123,7 @@ class TransformersBackend(Backend):
         return self.model.device
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not renders_chat(self.tokenizer):
             return None
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

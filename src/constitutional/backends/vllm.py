@@ -25,7 +25,14 @@ from typing import Any
 
 import vllm
 
-from constitutional.backends.base import Backend, SamplingParams, cut_at_stop, prompt_and_option_ids, prompt_token_ids
+from constitutional.backends.base import (
+    Backend,
+    SamplingParams,
+    cut_at_stop,
+    prompt_and_option_ids,
+    prompt_token_ids,
+    renders_chat,
+)
 from constitutional.backends.settings import VLLMSettings
 from constitutional.models import fingerprint, local_weights_dir, resolve_model_name
 
@@ -52,7 +59,7 @@ class VLLMBackend(Backend):
         release_memory()
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not renders_chat(self.tokenizer):
             return None
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

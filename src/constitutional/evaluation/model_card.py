@@ -17,6 +17,7 @@ from constitutional.evaluation.independence import EMBEDDED_HUB_ID, judge_descri
 from constitutional.evaluation.metrics import headline_rows, markdown_table
 from constitutional.models import EMBEDDED, resolve_model_name
 from constitutional.rundir import MODEL_CARD, RunDir
+from constitutional.source_rows import parse_hf_spec
 
 __all__ = ["EMBEDDED_HUB_ID", "base_license", "hub_id", "model_card", "write_model_cards"]
 
@@ -61,7 +62,7 @@ def model_card(name: str, config: Any, metrics: dict[str, Any], run_dir: RunDir)
     algorithm = run_dir.stage_entry("rl").get("counts", {}).get("algorithm") if name == "rl-cai" else None
     metadata["tags"] = ["constitutional-ai", "harmlessness", name] + ([algorithm] if algorithm else [])
     sources = (config.data.red_team, config.data.helpful, config.data.human_preferences)
-    datasets = [spec.removeprefix("hf:").split(":")[0] for spec in sources if spec.startswith("hf:")]
+    datasets = [parse_hf_spec(spec).dataset_id for spec in sources if spec.startswith("hf:")]
     if datasets:
         metadata["datasets"] = sorted(set(datasets))
     front = yaml.safe_dump(metadata, sort_keys=False).strip()

@@ -60,6 +60,7 @@ from constitutional.records import (
     write_json_atomic,
     write_records_atomic,
 )
+from constitutional.resume import refuse_unsafe_checkpoint
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, ModelSpec, runtime
 from constitutional.sources import load_preference_pairs
@@ -332,7 +333,8 @@ def train(training: TrainingSettings, settings: Settings, seed: int, init: Model
     if resume:
         log.info("pm: resuming from %s", resume)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with refuse_unsafe_checkpoint("pm", resume):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {

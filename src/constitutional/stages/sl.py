@@ -33,6 +33,7 @@ from constitutional.lm_head import loss_positions_only
 from constitutional.models import ModelRef, fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
 from constitutional.prompts import render_plain
 from constitutional.records import conversation, read_critiques
+from constitutional.resume import refuse_unsafe_checkpoint
 from constitutional.rundir import RunDir
 from constitutional.sections import CoreConfig, runtime
 from constitutional.training import (
@@ -335,7 +336,7 @@ def train(
     if resume:
         log.info("sl: resuming from %s", resume)
     started = time.perf_counter()
-    with loss_positions_only() as positions_only:
+    with loss_positions_only() as positions_only, refuse_unsafe_checkpoint("sl", resume):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
