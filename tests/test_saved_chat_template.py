@@ -219,7 +219,7 @@ def test_stage_sl_saves_the_template_of_its_training_prompts(tmp_path, tiny_mode
 def test_a_model_this_project_trained_is_still_prompted_plain_inside_the_pipeline(tiny_model, tiny_tokenizer, tmp_path):
     """`prompt_format: auto` on a saved SL-CAI: its template is the plain transcript, so the back ends render
     the plain prompt (few-shot examples and all), as for the model's training, not a chat prompt."""
-    from constitutional.backends.base import renders_chat
+    from constitutional.prompts import renders_chat
 
     saved = saved_tokenizer(tiny_model, tiny_tokenizer, tmp_path / "sl-cai")
     assert saved.chat_template and not renders_chat(saved)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from constitutional import distributed
+from constitutional import distributed, hub
 from constitutional.config import stage_settings
 from constitutional.errors import UserError
 from constitutional.records import read_records
@@ -76,6 +76,7 @@ def plan_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = F
     run = RunDir(run_dir, shard=shard)
     check_launch(stages, shard)
     check_shards(run, stages, modules, config)
+    hub.check(config, stages, shard)  # a push this command makes has a token: refused now, not after training
     if rerun and not run.exists():
         raise UserError(f"{run.root}: --rerun: there is no run here to rerun (no manifest.json)")
     inputs = {name: modules[name].check(config, getattr(config, name)) for name in stages}
@@ -108,7 +109,9 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
 
     Raises:
         UserError: bad input; stale stages without `rerun`; `rerun` where there is no run; a stage
-            whose upstream artefacts no stage has made or will make.
+            whose upstream artefacts no stage has made or will make; the hub refused a push.
+        ServiceError: the hub could not take a push (`hub.py`): what is done stays done, and the
+            same command pushes it.
     """
     plan = plan_pipeline(config, run_dir, stages, rerun, shard)
     run = plan.run
@@ -117,8 +120,16 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
         if plan.affected:
             run.archive(plan.affected)
         write_config(run, config)
+    # A stage's models go to the hub once it is done (or, found done, if their push is still owed). Under
+    # a launch the other processes would wait at the next stage's barrier meanwhile: push after the last.
+    push_now = distributed.world_size() == 1
     for name in stages:
         _run_stage(config, run, plan.modules[name], plan.inputs[name])
+        if push_now:
+            hub.push_stage(config, run, name)
+    if not push_now:
+        for name in stages:
+            hub.push_stage(config, run, name)
     return run
 
 

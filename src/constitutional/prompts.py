@@ -251,3 +251,14 @@ def render(
         if prompt_format == "chat":
             raise UserError(f"prompt_format 'chat': model {backend.model_id!r} has no chat template; use 'plain'")
     return render_plain(turns, next_role, preamble)
+
+
+def renders_chat(tokenizer: object) -> bool:
+    """Whether prompts for this tokenizer's model go through its chat template (`prompt_format: auto`).
+
+    A model this project trained (SL-CAI, RL-CAI) carries a template of the plain Human:/Assistant:
+    transcript, for users of `apply_chat_template` and `vllm serve`: inside the pipeline it is still
+    prompted as the plain model it is, few-shot examples and all.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and not is_plain_chat_template(template)

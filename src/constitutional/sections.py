@@ -13,6 +13,7 @@ produces: changing them never makes a finished stage stale.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class ModelsConfig:
 
 @dataclass
 class DataConfig:
-    """Prompt and preference sources: a path, `hf:<dataset id>[:split]`, or `builtin`."""
+    """Prompt and preference sources: a path, `hf:<dataset id>[:split][?name=..&data_dir=..&split=..&revision=..]`,
+    or `builtin`."""
 
     red_team: str = "builtin"
     helpful: str = "builtin"
@@ -84,6 +86,49 @@ class CacheConfig:
     path: str | None = runtime(None)  # default: <run dir>/cache/generations.sqlite
 
 
+# A hub repository id: owner/name, each part letters, digits, '-', '_' and '.', not starting or ending with
+# '-' or '.', no '--' or '..' (the hub's own rule); names up to 96 characters.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
+HUB_MODELS = ("sl_cai", "pm", "rl_cai")
+
+
+@dataclass
+class HubConfig:
+    """Pushing the run's models to the Hugging Face Hub (`hub.py`): a repository id per model, or null.
+
+    Every key is runtime: where a model is published never changes what a stage makes. The token is
+    read from the environment variable named by `token_env`, never from the config.
+    """
+
+    sl_cai: str | None = runtime(None)  # models/sl-cai, pushed after stage sl (e.g. me/sl-cai)
+    pm: str | None = runtime(None)  # models/pm, pushed after stage pm
+    rl_cai: str | None = runtime(None)  # models/rl-cai, pushed after stage rl
+    private: bool = runtime(True)  # visibility of a repository this run creates (an existing one keeps its own)
+    token_env: str = runtime("HF_TOKEN")  # the environment variable holding a token with write access
+
+    def validate(self) -> None:
+        require(
+            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.token_env) is not None,
+            f"hub.token_env: expected the name of an environment variable, got {self.token_env!r}",
+        )
+        seen: dict[str, str] = {}
+        for key in HUB_MODELS:
+            repo = getattr(self, key)
+            if repo is None:
+                continue
+            require(
+                HUB_ID.fullmatch(repo) is not None and "--" not in repo and ".." not in repo,
+                f"hub.{key}: expected a repository id of the form owner/name (letters, digits, '-', '_', '.'), "
+                f"got {repo!r}",
+            )
+            require(
+                repo.lower() not in seen,
+                f"hub.{key}: {repo} is also hub.{seen.get(repo.lower())}: each model needs its own repository",
+            )
+            seen[repo.lower()] = key
+
+
 @dataclass
 class CoreConfig:
     """What every stage may read: seed, models, data, constitution, back ends, training, cache.
@@ -101,6 +146,7 @@ class CoreConfig:
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # read by the pipeline, never by a stage
     # Directory the config file was read from: relative data and model paths resolve against it.
     base_dir: str = field(default=".", metadata={"internal": True})
 

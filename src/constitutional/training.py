@@ -465,12 +465,8 @@ def _save_tokenizer(tokenizer: Any, partial: Path) -> None:
     if _is_sequence_classifier(partial):
         tokenizer.save_pretrained(partial)
         return
-    for name in _CHAT_TEMPLATE_FILES:
-        path = partial / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    for path in (partial / name for name in _CHAT_TEMPLATE_FILES):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     original = tokenizer.chat_template
     tokenizer.chat_template = plain_chat_template(bos_token=_adds_bos(tokenizer))
     try:

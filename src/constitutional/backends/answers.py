@@ -212,10 +212,7 @@ def echoed_option_logprob(logprobs: Any, option: str, base_url: str) -> float:
         if remaining <= 0:
             break
         if not isinstance(values[index], (int, float)):
-            raise UserError(
-                f"the server at {base_url} returned {values[index]!r} as the log-probability of echoed token {index}: "
-                f"{fix}"
-            )
+            raise UserError(f"the server at {base_url} returned {values[index]!r} for echoed token {index}: {fix}")
         total += float(values[index])
         remaining -= len(echoed[index])
     if remaining > 0:  # the option reaches back to the first token, which has no log-prob

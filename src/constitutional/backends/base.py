@@ -138,16 +138,3 @@ def prompt_and_option_ids(tokenizer: Any, prompt: str, options: Sequence[str]) -
     """A prompt's token ids (`prompt_token_ids`) and each option's ids as the model reads them after it."""
     prompt_ids = prompt_token_ids(tokenizer, prompt)
     return prompt_ids, [option_token_ids(tokenizer, prompt, prompt_ids, option) for option in options]
-
-
-def renders_chat(tokenizer: Any) -> bool:
-    """Whether prompts for this tokenizer's model go through its chat template (`prompt_format: auto`).
-
-    A model this project trained (SL-CAI, RL-CAI) carries a template of the plain Human:/Assistant:
-    transcript, for users of `apply_chat_template` and `vllm serve`: inside the pipeline it is still
-    prompted as the plain model it is, few-shot examples and all.
-    """
-    from constitutional.prompts import is_plain_chat_template
-
-    template = getattr(tokenizer, "chat_template", None)
-    return bool(template) and not is_plain_chat_template(template)

@@ -25,10 +25,10 @@ from constitutional.backends.base import (
     cut_at_stop,
     prompt_and_option_ids,
     prompt_token_ids,
-    renders_chat,
 )
 from constitutional.backends.settings import TransformersSettings
 from constitutional.models import choose_dtype, fingerprint, load_causal_lm, load_tokenizer, resolve_model_name
+from constitutional.prompts import renders_chat
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from constitutional.backends.base import (
     cut_at_stop,
     prompt_and_option_ids,
     prompt_token_ids,
-    renders_chat,
 )
 from constitutional.backends.settings import VLLMSettings
 from constitutional.models import fingerprint, local_weights_dir, resolve_model_name
+from constitutional.prompts import renders_chat
 
 log = logging.getLogger(__name__)
 
