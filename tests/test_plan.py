@@ -75,3 +75,13 @@ def test_a_plan_refuses_a_stage_whose_upstream_has_not_run(config_path, tmp_path
     code, _, err = plan(capsys, config_path, "--run-dir", tmp_path / "run", "--stages", "sl")
     assert code == 2
     assert "stage 'sl' reads" in cai_error_line(err) and "'critique' has not run" in err
+
+
+def test_a_plan_names_the_models_it_would_push(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_data(tiny_model_dir, tmp_path, hub={"sl_cai": "me/sl-cai"})))
+    code, out, err = plan(capsys, path, "--run-dir", tmp_path / "run", "--stages", "critique,sl")
+    assert code == 0, err
+    assert f"hub: {tmp_path / 'run' / 'models' / 'sl-cai'} -> me/sl-cai (hub.sl_cai; private if created)" in out
+    assert "hf_test_token" not in out

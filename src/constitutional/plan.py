@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from constitutional.hub import pushed_keys
 from constitutional.pipeline import Plan, all_reads
 from constitutional.registry import ARTEFACTS, STAGES
 
@@ -26,7 +27,7 @@ def describe_plan(config: Any, plan: Plan) -> str:
 
     Per stage asked for: `model` lines, `reads` (run-directory files it needs) and `uses` (those it
     reads when present) with the stage that makes each, and `input` lines (files and sources its
-    settings name, resolved against the config's folder).
+    settings name, resolved against the config's folder); then a `hub` line per model it would push.
     """
     run = plan.run
     lines = [f"run directory: {run.root.resolve()} ({'exists' if run.exists() else 'new'})"]
@@ -44,6 +45,9 @@ def describe_plan(config: Any, plan: Plan) -> str:
             how = "reads" if artefact in required else "uses"  # uses: read when present
             lines.append(f"    {how:<8} {run.path(artefact)} (stage {maker}: {status})")
         lines += [f"    {'input':<8} {key}: {where}" for key, where in _input_files(config, name, plan.modules[name])]
+    for key in pushed_keys(config, plan.stages, run.shard):
+        visibility = "private" if config.hub.private else "public"
+        lines.append(f"hub: {run.path(key)} -> {getattr(config.hub, key)} (hub.{key}; {visibility} if created)")
     return "\n".join(lines)
 
 
