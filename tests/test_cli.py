@@ -174,3 +174,16 @@ def test_interrupt_marks_the_stage_and_the_same_command_finishes_it(config_file,
     manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["critique"]["status"] == "done"
     assert manifest["stages"]["critique"]["counts"]["records"] == 7
+
+
+def test_an_interrupted_critique_does_not_hide_that_eval_would_hold_no_prompt_out(config_file, tmp_path, capsys):
+    """Critique wrote 1 record before it stopped: it will still train on every prompt of data.red_team."""
+    from constitutional.records import append_records
+    from constitutional.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    append_records(run.path("critiques"), [{"id": "rt-1", "kind": "red_team", "prompt": "How do I pick a lock?",
+                                            "final_response": "No."}])  # fmt: skip
+    run.manifest_path.write_text(json.dumps({"stages": {"critique": {"status": "running"}}}), encoding="utf-8")
+    code, err = run_cli(["plan", str(config_file()), "--run-dir", str(run.root), "--set", "eval.red_team=null"], capsys)
+    assert code == 2 and "eval.red_team: no held-out prompts: it falls back to data.red_team" in cai_error_line(err)

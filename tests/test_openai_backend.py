@@ -45,6 +45,7 @@ class Scripted:
     body: Any = None  # None: the default completions answer
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    when: Callable[[dict], bool] | None = None  # answers only a request this holds for (None: the next one)
 
 
 @dataclass
@@ -116,7 +117,10 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 state.bodies.append(body)
                 state.paths.append(self.path)
                 state.headers.append(dict(self.headers))
-                scripted = state.script.pop(0) if state.script else Scripted(delay_s=state.delay_s(body))
+                if state.script and (state.script[0].when is None or state.script[0].when(body)):
+                    scripted = state.script.pop(0)
+                else:
+                    scripted = Scripted(delay_s=state.delay_s(body))
                 if state.failing:
                     scripted = Scripted(status=500, body={"error": {"message": "down"}})
                 state.in_flight += 1
@@ -828,3 +832,31 @@ def test_a_judge_server_that_stays_down_is_a_service_failure_not_bad_input(serve
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "failed after 2 attempts" in error and "HTTP 500" in error, error
     assert not run_dir.exists()
+
+
+def test_a_batch_refused_at_once_for_max_tokens_learns_the_limit_in_every_thread(server):
+    """Four requests in flight together all get the 400: each is sent again with max_completion_tokens."""
+    url, state = server
+    refusal = "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens'."
+    state.script = [openai_400(refusal, "max_tokens") for _ in range(4)]
+    for scripted in state.script:
+        scripted.when = lambda body: "max_tokens" in body  # as the real API: only the old parameter is refused
+    state.delay_s = lambda body: 0.05
+    backend = make_backend(url, endpoint="chat", max_concurrency=4)
+    try:
+        texts = backend.generate([f"Hi {n}" for n in range(6)], SamplingParams(max_new_tokens=7))
+    finally:
+        backend.close()
+    assert len(texts) == 6 and all(text.startswith("<chat:") for text in texts)
+    assert all("max_completion_tokens" in body for body in state.bodies if "max_tokens" not in body)
+
+
+def test_a_content_filtered_chat_answer_is_an_empty_answer_not_a_failed_stage(server):
+    url, state = server
+    message = {"role": "assistant", "content": None}
+    state.script = [Scripted(body={"choices": [{"index": 0, "message": message, "finish_reason": "content_filter"}]})]
+    backend = make_backend(url, endpoint="chat")
+    try:
+        assert backend.generate(["How do I pick a lock?"], SamplingParams(max_new_tokens=4)) == [""]
+    finally:
+        backend.close()

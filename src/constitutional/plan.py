@@ -61,7 +61,7 @@ def _status(plan: Plan, name: str) -> str:
     if status == "done":
         return "done: skipped"
     if status in ("running", "failed"):
-        return f"would resume ({status} before: {plan.run.stage_entry(name).get('error', 'interrupted')})"
+        return f"would resume ({status} before: {plan.run.stage_entry(name).get('error') or 'interrupted'})"
     return "would run"
 
 
@@ -108,12 +108,12 @@ def _input_files(config: Any, name: str, module: Any) -> list[tuple[str, str]]:
     found = []
     for key, value in named:
         for item in value if isinstance(value, list) else [value]:
-            if _is_file(item):
+            if _is_file(item) and (item.endswith(FILE_SUFFIXES) or config.resolve_path(item).exists()):
                 path = config.resolve_path(item)
                 found.append((key, f"{path}{'' if path.exists() else ' (missing)'}"))
             elif isinstance(item, str) and (item.startswith("hf:") or (item in NOT_FILES and key.startswith(sources))):
                 found.append((key, item))
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found))  # a hub model id ("owner/name") is no file: left out above
 
 
 def _value(config: Any, key: str) -> Any:

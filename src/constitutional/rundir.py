@@ -221,9 +221,17 @@ def _model_files(folder: Path) -> list[Path]:
     return sorted(item for item in folder.rglob("*") if item.is_file() and item.name != MODEL_CARD)
 
 
+# SHA-256s read in this process, by (path, size, time): a copied run's folders (new times) are read
+# once per command, not once per stage that fingerprints them.
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
 def _file_hash(file: Path, recorded: list[Any] | None) -> str:
     """The file's SHA-256: the recorded one while its size and time are those recorded, else read now."""
     stat = file.stat()
     if recorded is not None and [stat.st_size, stat.st_mtime_ns] == recorded[:2]:
         return recorded[2]
-    return file_sha256(file)
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = file_sha256(file)
+    return _HASHED[key]

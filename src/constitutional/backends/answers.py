@@ -59,8 +59,9 @@ def choice_text(data: dict[str, Any]) -> str:
     if isinstance(message, dict) and "content" in message and message["content"] is None:
         if isinstance(message.get("refusal"), str):
             return message["refusal"]
-        if choice.get("finish_reason") == "length":
-            log.warning("a chat answer has no text within max_tokens (a reasoning model may spend them all)")
+        if choice.get("finish_reason") in ("length", "content_filter"):
+            # Out of tokens (a reasoning model may spend them all), or withheld by a hosted filter: no answer.
+            log.warning("a chat answer has no text (finish_reason %s)", choice.get("finish_reason"))
             return ""
         raise UserError(
             f"a chat answer has no text (finish_reason {choice.get('finish_reason')!r}): the model answered "

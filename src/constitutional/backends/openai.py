@@ -326,8 +326,8 @@ class OpenAIBackend(Backend):
         and its legacy /completions allows `logprobs` up to 5 (chat's `top_logprobs` up to 20).
         """
         text = message.lower()
-        renamed = self._chat_takes_max_completion_tokens
-        if path == "chat/completions" and "max_completion_tokens" in text and not renamed:
+        # Decided from the body that was refused, so that every thread of a batch refused at once learns it.
+        if path == "chat/completions" and "max_completion_tokens" in text and "max_tokens" in body:
             self._chat_takes_max_completion_tokens = True
             return True
         if path == "completions" and "logprobs" in text and body.get("logprobs", 0) > COMPLETIONS_LOGPROBS_LIMIT:

@@ -254,9 +254,9 @@ class Transport:
             return _Failure(f"{url}: {type(error).__name__}: {error}")
         if response.status_code == 429 or response.status_code >= 500:
             error_text = self._error_text(response)
-            if not retry_malformed and response.status_code >= 500 and UNSUPPORTED.search(error_text):
-                # While probing, a server error that says the feature is not supported is an answer,
-                # not an outage (llama.cpp's server answers echo with 500 "Only no echo is supported").
+            if response.status_code >= 500 and UNSUPPORTED.search(error_text):
+                # A server error that says the feature is not supported is an answer, not an outage:
+                # llama.cpp's server answers echo with 500 "Only no echo is supported", every time.
                 self.fleet.release(server, ok=True)
                 raise RejectedRequest(f"{url} answered HTTP {response.status_code}: {error_text}", error_text)
             return _Failure(f"{url}: HTTP {response.status_code}: {error_text}", _retry_after_seconds(response))
@@ -274,6 +274,9 @@ class Transport:
                 self.fleet.release(server, ok=True)
                 raise
             return _Failure(str(error))
+        except Exception:  # a bug in the reader, raised as it is: the server's slot is freed first
+            self.fleet.release(server, ok=True)
+            raise
         self.fleet.release(server, ok=True)
         return result
 

@@ -168,18 +168,19 @@ def check(config: CoreConfig, settings: Settings) -> Inputs:
 def check_run(config: CoreConfig, settings: Settings, run_dir: RunDir, stages: Sequence[str]) -> None:
     """Before any stage runs: refuse a prompt set that would have no prompt the run did not train on.
 
-    With critiques already made, the set is read past what the run trained on; with critique still
-    to run now, a set that it would read whole (`check_held_out`) is refused. Eval alone on a run
-    without critiques trains nothing away.
+    With critique still to run (or to finish) now, a set that it would read whole
+    (`check_held_out`) is refused; with critiques made, the set is read past what the run trained
+    on. Eval alone on a run without critiques trains nothing away.
 
     Raises:
         UserError: naming `eval.<set>`.
     """
     trained = trained_prompts(run_dir)
+    critique_to_run = "critique" in stages and run_dir.stage_status("critique") != "done"
     for prompt_set in ("red_team", "helpful"):
-        if not trained:
-            if "critique" in stages:
-                check_held_out(config, settings, prompt_set)
+        if critique_to_run:  # what it has written so far is not what it will train on
+            check_held_out(config, settings, prompt_set)
+        if not trained or critique_to_run:
             continue
         asked = getattr(settings, f"max_{prompt_set}") != 0 and prompt_source(config, settings, prompt_set) != "none"
         if asked and not load_prompt_set(config, settings, prompt_set, exclude=trained):
