@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from constitutional import distributed
     from constitutional.config import load_config
     from constitutional.pipeline import parse_stages, run_pipeline
     from constitutional.sharding import parse_shard
@@ -208,6 +209,7 @@ def command_run(args: argparse.Namespace) -> int:
     stages = parse_stages(args.stages)
     shard = parse_shard(args.shard) if args.shard else None
     run = run_pipeline(config, default_run_dir(args), stages, rerun=args.rerun, shard=shard)
+    distributed.shutdown()
     print(f"done: {run.root} ({', '.join(stages)}{f', shard {shard}' if shard else ''})")
     if "eval" in stages:
         print_headline(run.root)

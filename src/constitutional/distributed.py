@@ -55,6 +55,21 @@ def init(device: str) -> None:
         PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
+def shutdown() -> None:
+    """Leave the launch's process group once every process is done; no-op in one process.
+
+    A process that exits with its gloo or NCCL group still alive can abort at interpreter exit
+    ("terminate called without an active exception", SIGABRT) after its work is done, and the
+    launcher then reports the whole run as failed.
+    """
+    if world_size() > 1:
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            wait_for_everyone()
+            torch.distributed.destroy_process_group()
+
+
 def wait_for_everyone() -> None:
     """A barrier across the processes of the launch; no-op in one process."""
     if world_size() > 1:
