@@ -860,3 +860,15 @@ def test_a_content_filtered_chat_answer_is_an_empty_answer_not_a_failed_stage(se
         assert backend.generate(["How do I pick a lock?"], SamplingParams(max_new_tokens=4)) == [""]
     finally:
         backend.close()
+
+
+def test_a_fixed_echo_against_a_server_that_refuses_echo_is_one_line_at_once(server):
+    """llama.cpp's 500 "Only no echo is supported" with `openai.scoring: echo`: not retried as an outage."""
+    url, state = server
+    state.script = [Scripted(status=500, body={"error": {"code": 500, "message": "Only no echo is supported",
+                                                         "type": "server_error"}})]  # fmt: skip
+    backend = make_backend(url, scoring="echo", max_concurrency=1, backoff_initial_s=5.0)
+    with pytest.raises(UserError, match=r"Only no echo is supported \(set openai\.scoring: top_logprobs\)"):
+        backend.score_options(["Pick one:"], [" (A)", " (B)"])
+    backend.close()
+    assert len(state.bodies) == 1

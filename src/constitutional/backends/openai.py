@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -340,7 +341,7 @@ def _hint(server_message: str) -> str:
     """What to change, for a refusal naming a parameter in REFUSED_PARAMETERS ("" if none)."""
     text = server_message.lower()
     for parameter, advice in REFUSED_PARAMETERS.items():
-        if f"'{parameter}'" in text or f"`{parameter}`" in text or f'"{parameter}"' in text:
+        if re.search(rf"\b{parameter}\b", text):  # quoted or not: llama.cpp says "Only no echo is supported"
             return f" ({advice})"
     return ""
 
