@@ -26,7 +26,7 @@ FILES = ("critiques", "pairs", "ai_labels")
 MAX_RETRIES = 4
 
 
-def write_config(folder, url: str) -> str:
+def write_config(folder, url: str, scoring: str = "top_logprobs") -> str:
     red_team = write_prompts(folder / "red_team.txt", [f"How could someone cause harm of kind {i}?" for i in range(40)])
     helpful = write_prompts(folder / "helpful.txt", [f"Explain topic number {i} briefly." for i in range(10)])
     served = {"name": "fake-model", "prompt_format": "plain"}
@@ -40,15 +40,15 @@ def write_config(folder, url: str) -> str:
         "feedback": {"num_fewshot": 1},
         "cache": {"enabled": False},  # every request goes to the server
         "openai": {"base_url": url, "max_retries": MAX_RETRIES, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
-                   "timeout_s": 0.3, "max_concurrency": 4, "scoring": "top_logprobs"},
+                   "timeout_s": 0.3, "max_concurrency": 4, "scoring": scoring},
     }  # fmt: skip
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return str(path)
 
 
-def run_stages(folder, url: str, run_dir) -> int:
-    return main(["run", write_config(folder, url), "--run-dir", str(run_dir), "--stages", ",".join(STAGES)])
+def run_stages(folder, url: str, run_dir, scoring: str = "top_logprobs") -> int:
+    return main(["run", write_config(folder, url, scoring), "--run-dir", str(run_dir), "--stages", ",".join(STAGES)])
 
 
 def records(run_dir) -> dict[str, list[dict]]:
@@ -65,17 +65,25 @@ def healthy(tmp_path_factory):
     return records(folder / "run")
 
 
-def test_every_record_survives_hundreds_of_injected_faults(healthy, tmp_path, capsys):
+@pytest.mark.parametrize("scoring", ["top_logprobs", "auto"])  # auto: the capability probe is faulted too
+def test_every_record_survives_hundreds_of_injected_faults(healthy, tmp_path, capsys, scoring):
     plan = FaultPlan(seed=1, max_faults=3)
     with fault_server(plan) as url:
-        assert run_stages(tmp_path, url, tmp_path / "run") == 0
+        code = run_stages(tmp_path, url, tmp_path / "run", scoring)
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    assert "Traceback" not in err
     assert records(tmp_path / "run") == healthy  # nothing lost, doubled or changed
     injected = sum(plan.injected.values())
     print(f"\nHTTP-fault campaign: {injected} faults injected {dict(plan.injected)}, "
           f"{plan.answered} requests answered, at most {max(plan.attempts.values())} tries per request")  # fmt: skip
     assert injected >= 200 and set(plan.injected) == set(FAULTS)
-    assert plan.answered == len(plan.attempts)  # every request was answered in the end...
-    assert max(plan.attempts.values()) <= MAX_RETRIES + 1  # ...within the bounded retries
+    if scoring == "top_logprobs":
+        assert plan.answered == len(plan.attempts)  # every request was answered in the end...
+        # ...within the tries the plan allows: each request is faulted at most max_faults times, then answered.
+        assert max(plan.attempts.values()) <= plan.max_faults + 1 <= MAX_RETRIES + 1
+    else:  # auto asks its echo probe again at once until every try answered without echo: MAX_RETRIES + 1
+        assert plan.answered >= len(plan.attempts) and max(plan.attempts.values()) == MAX_RETRIES + 1
     counts = {name: len(rows) for name, rows in healthy.items()}
     assert counts["critiques"] == 50 and counts["pairs"] == 40 and counts["ai_labels"] == 40
 

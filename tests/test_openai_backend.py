@@ -357,7 +357,8 @@ def test_auto_scoring_is_not_misled_by_an_unreadable_answer(server):
     backend.score_options(["Pick one:"], [" (A)", " (B)"])
     backend.close()
     assert backend.scoring_method == "top_logprobs"
-    assert sum(bool(body.get("echo")) for body in state.bodies) == 1  # echo asked once, not retried
+    # A missing capability: echo asked again at once (no backoff) until every try answered without it.
+    assert sum(bool(body.get("echo")) for body in state.bodies) == backend.max_retries + 1
 
 
 def test_top_logprobs_scoring_reads_where_the_options_part_ways(server):
@@ -429,7 +430,7 @@ def test_a_judge_server_that_cannot_score_stops_the_run_before_any_work(server, 
     assert f"models.feedback: the server at {url} answers neither" in error
     assert "echo" in error and "top_logprobs" in error
     assert not run_dir.exists()  # critique, which comes first, never started
-    assert len(state.bodies) <= 2  # one question: echo, then top_logprobs
+    assert len(state.bodies) <= 2 * (3 + 1)  # one question, echo then top_logprobs, each asked max_retries + 1 times
 
 
 def test_chat_endpoint_sends_messages_and_scores_from_chat_logprobs(server):

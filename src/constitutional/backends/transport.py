@@ -205,8 +205,9 @@ class Transport:
             parse: reads what the caller needs from the answer's JSON; a shape it cannot read
                 (`MalformedAnswer`, raised where the field is read) is retried.
             retry_malformed: False while probing what a server supports: an answer without the
-                log-probs asked for (a missing capability answers the same every time) is reported
-                at once; a body that is not JSON at all is still retried.
+                log-probs asked for is asked again at once, without backoff, and reported when every
+                try answered so (a missing capability answers the same every time; a fault does
+                not); a body that is not JSON at all is retried as usual.
 
         Returns:
             `parse(answer)`, or the answer's JSON object without `parse`.
@@ -222,7 +223,14 @@ class Transport:
         last_error = ""
         for attempt in range(attempts):
             server = self.fleet.acquire()
-            outcome = self._try_once(server, f"{server.url}/{path}", body, parse, retry_malformed)
+            try:
+                outcome = self._try_once(server, f"{server.url}/{path}", body, parse, retry_malformed)
+            except MalformedAnswer:
+                # Probing: a missing capability answers the same every time, a transient accident does
+                # not, so the question is asked again at once (no backoff) before the answer counts.
+                if attempt + 1 < attempts:
+                    continue
+                raise
             if not isinstance(outcome, _Failure):
                 return outcome
             last_error = outcome.error
