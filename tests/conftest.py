@@ -33,6 +33,30 @@ def embedded_model_dir() -> Path:
     return Path(local_weights_dir(resolve_model_name("embedded")))
 
 
+@pytest.fixture
+def hf_offline(tmp_path, monkeypatch):
+    """Keep `datasets` off the network and out of the user's cache.
+
+    The environment is read when `datasets` is imported, which another test may already have
+    done, so the module-level settings are patched as well.
+    """
+    env = {
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
 @pytest.fixture(autouse=True)
 def _quiet_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never reach a hub: anything that tries fails fast instead of waiting on the network."""

@@ -408,24 +408,34 @@ def test_a_server_with_neither_echo_nor_top_logprobs_is_named(server):
     backend.close()
 
 
-def test_a_judge_server_that_cannot_score_stops_the_run_before_any_work(server, tiny_model_dir, tmp_path, capsys):
-    """`cai run` with critique first and a judge server that scores neither way: exit 2, one line, nothing written."""
+def run_with_judge_server(url, tiny_model_dir, tmp_path, capsys, **openai):
+    """`cai run --stages critique,pairs,feedback` with the feedback model on the fake server.
+
+    Returns:
+        (exit code, stderr stripped, the run directory).
+    """
     import yaml
 
     from constitutional.cli import main
 
     from conftest import tiny_config_data
 
-    url, state = server
-    state.with_logprobs = False  # no echo, and no top log-probs either (state.top is None)
     data = tiny_config_data(tiny_model_dir, tmp_path)
     data["models"]["feedback"] = {"name": "judge", "backend": "openai"}
-    data["openai"] = {"base_url": url, "max_retries": 3, "backoff_initial_s": 0.01}
+    data["openai"] = {"base_url": url, "backoff_initial_s": 0.01, **openai}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "run"
-    assert main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"]) == 2
-    error = capsys.readouterr().err.strip()
+    code = main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"])
+    return code, capsys.readouterr().err.strip(), run_dir
+
+
+def test_a_judge_server_that_cannot_score_stops_the_run_before_any_work(server, tiny_model_dir, tmp_path, capsys):
+    """`cai run` with critique first and a judge server that scores neither way: exit 2, one line, nothing written."""
+    url, state = server
+    state.with_logprobs = False  # no echo, and no top log-probs either (state.top is None)
+    code, error, run_dir = run_with_judge_server(url, tiny_model_dir, tmp_path, capsys, max_retries=3)
+    assert code == 2
     assert len(error.splitlines()) == 1, error
     assert f"models.feedback: the server at {url} answers neither" in error
     assert "echo" in error and "top_logprobs" in error
@@ -770,23 +780,11 @@ def test_a_judge_server_whose_echo_cannot_be_read_stops_the_run_naming_url_and_s
     server, tiny_model_dir, tmp_path, capsys
 ):
     """`openai.scoring: echo` against a server that echoes no prompt log-probs: exit 2 before any stage writes."""
-    import yaml
-
-    from constitutional.cli import main
-
-    from conftest import tiny_config_data
-
     url, state = server
     only_generated = {"tokens": [" X"], "text_offset": [13], "token_logprobs": [-0.2], "top_logprobs": None}
     state.script = [Scripted(body={"choices": [{"text": " X", "logprobs": only_generated, "index": 0}]})] * 3
-    data = tiny_config_data(tiny_model_dir, tmp_path)
-    data["models"]["feedback"] = {"name": "judge", "backend": "openai"}
-    data["openai"] = {"base_url": url, "scoring": "echo", "max_retries": 3, "backoff_initial_s": 0.01}
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(data))
-    run_dir = tmp_path / "run"
-    assert main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"]) == 2
-    error = capsys.readouterr().err.strip()
+    code, error, run_dir = run_with_judge_server(url, tiny_model_dir, tmp_path, capsys, scoring="echo", max_retries=3)
+    assert code == 2
     assert len(error.splitlines()) == 1, error
     assert f"models.feedback: the server at {url} does not echo" in error and "openai.scoring: top_logprobs" in error
     assert not run_dir.exists()
@@ -815,22 +813,11 @@ def test_top_logprobs_in_a_malformed_shape_are_a_malformed_answer_naming_the_ser
 
 
 def test_a_judge_server_that_stays_down_is_a_service_failure_not_bad_input(server, tiny_model_dir, tmp_path, capsys):
-    import yaml
-
-    from constitutional.cli import main
-
-    from conftest import tiny_config_data
-
     url, state = server
     state.failing = True  # every request: HTTP 500
-    data = tiny_config_data(tiny_model_dir, tmp_path)
-    data["models"]["feedback"] = {"name": "judge", "backend": "openai"}
-    data["openai"] = {"base_url": url, "max_retries": 1, "backoff_initial_s": 0.01, "backoff_max_s": 0.01}
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(data))
-    run_dir = tmp_path / "run"
-    assert main(["run", str(config_path), "--run-dir", str(run_dir), "--stages", "critique,pairs,feedback"]) == 1
-    error = capsys.readouterr().err.strip()
+    code, error, run_dir = run_with_judge_server(url, tiny_model_dir, tmp_path, capsys, max_retries=1,
+                                                 backoff_max_s=0.01)  # fmt: skip
+    assert code == 1
     assert len(error.splitlines()) == 1 and "failed after 2 attempts" in error and "HTTP 500" in error, error
     assert not run_dir.exists()
 

@@ -128,26 +128,6 @@ def test_hf_row_errors_name_the_spec_and_row(tmp_path, fake_load_dataset):
 
 
 @pytest.fixture
-def hf_offline(tmp_path, monkeypatch):
-    """Keep `datasets` off the network and out of the user's cache (as in test_sources.py)."""
-    env = {
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    datasets = pytest.importorskip("datasets")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
-@pytest.fixture
 def hh_folder(tmp_path) -> Path:
     """A local copy of Anthropic/hh-rlhf's layout: harmless-base/ and helpful-base/, train and test."""
     folder = tmp_path / "hh-rlhf"

@@ -214,30 +214,6 @@ def test_txt_csv_json_and_gzip_files(tmp_path):
     assert [i.prompt for i in load_prompts("p.jsonl.gz", prefix="g", base_dir=tmp_path)] == ["zipped"]
 
 
-@pytest.fixture
-def hf_offline(tmp_path, monkeypatch):
-    """Keep `datasets` off the network and out of the user's cache.
-
-    The environment is read when `datasets` is imported, which another test may already have
-    done, so the module-level settings are patched as well.
-    """
-    env = {
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    datasets = pytest.importorskip("datasets")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
 def test_hf_local_folder(tmp_path, hf_offline):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
