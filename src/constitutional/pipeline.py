@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from constitutional import distributed, hub
+from constitutional import distributed, hub, trackers
 from constitutional.config import stage_settings
 from constitutional.errors import UserError
 from constitutional.records import read_records
@@ -150,11 +150,15 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
             extra["trust_remote_code"] = remote_code
         if run.shard is not None:
             extra["shard"] = str(run.shard)
+        if config.training.report_to != "none":  # an interrupted stage logs on to the run it began
+            extra["tracker_run"] = run.stage_entry(name).get("tracker_run") or trackers.new_run_id(name)
         run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream}, **extra)
+        trackers.open_stage(config.training, run.root, name, extra.get("tracker_run"), stage_settings(config, module))
     try:
         counts = module.run(config, settings, run, inputs)
     except BaseException as error:
         if main:
+            trackers.close_stage(run.root, None, failed=True)
             run.fail_stage(name, _describe(error))
         raise
     if not main:
@@ -167,6 +171,7 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
         }
         run.update_stage(name, records=records)
     run.finish_stage(name, counts)
+    trackers.close_stage(run.root, counts)
     log.info("%s: done %s", name, counts)
 
 

@@ -77,7 +77,6 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "rl_metrics": "eval/rl_metrics.jsonl",
             "rl_curves": "eval/rl_curves.png",
             "rl_samples": "eval/rl_samples.jsonl",
-            "rl_tensorboard": "eval/tensorboard-rl",  # only with training.report_to: tensorboard
         },
         trains=True,
     ),

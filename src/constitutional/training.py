@@ -14,7 +14,6 @@ torch, transformers and trl are imported inside the functions: importing this mo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -28,18 +27,16 @@ from typing import Any, Literal
 from constitutional.distributed import is_main_process, sharding_strategy, wait_for_everyone, world_size
 from constitutional.errors import UserError, require, require_positive
 from constitutional.prompts import plain_chat_template
+from constitutional.trackers import check_report_to
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "training_summary.json"  # written next to the weights: what the finished training measured
-REPORT_TO = ("none", "tensorboard", "wandb")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # A full model (one file or sharded) or a PEFT adapter.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# Packages a tracker needs; either one will do.
-_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -59,7 +56,13 @@ class TrainingSettings:
     # auto: bf16 on CUDA with bf16 support, else fp32. bf16/fp16 are mixed precision: the weights
     # stay as loaded (fp32), the forward runs under autocast.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    report_to: str = field(default="none", metadata=_RUNTIME)  # none | tensorboard | wandb (package installed)
+    # none | tensorboard | wandb (package installed): every stage logs there (`trackers.py`). W&B's
+    # project (else $WANDB_PROJECT, else "constitutional"), entity (else W&B's default) and the
+    # group of this run's stages (else the run directory's name).
+    report_to: str = field(default="none", metadata=_RUNTIME)
+    project: str = field(default="", metadata=_RUNTIME)
+    entity: str = field(default="", metadata=_RUNTIME)
+    run_name: str = field(default="", metadata=_RUNTIME)
     # Recompute activations in the backward pass instead of keeping them: about 20-30% more compute
     # for far less activation memory. Off by default: the embedded model fits without it; a 7B model
     # on one GPU needs it.
@@ -85,16 +88,7 @@ class TrainingSettings:
                 f"training.device: {self.device!r} under a launch of {world_size()} processes; use auto "
                 "(each process takes the GPU the launcher gives it) or cpu"
             )
-        _check_report_to(self.report_to)
-
-
-def _check_report_to(value: str) -> None:
-    """`none`, or a tracker whose package is installed (found now, not after an hour of training)."""
-    if value not in REPORT_TO:
-        raise UserError(f"training.report_to: expected one of {', '.join(REPORT_TO)}, got {value!r}")
-    needs = _TRACKER_PACKAGES.get(value, ())
-    if needs and not any(importlib.util.find_spec(package) for package in needs):
-        raise UserError(f"training.report_to: {value!r} needs the {needs[0]} package (pip install {needs[0]})")
+        check_report_to(self.report_to)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What every RL algorithm reports: SL-CAI vs RL-CAI on held-out prompts, training curves, trackers."""
+"""What every RL algorithm reports: SL-CAI vs RL-CAI on held-out prompts, training curves."""
 
 from __future__ import annotations
 
@@ -77,27 +77,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(temporary, dpi=100)
     plt.close(figure)
     os.replace(temporary, path)
-
-
-def open_tracker(report_to: str, log_dir: Path) -> Callable[[dict[str, Any]], None]:
-    """A function that logs one step's metrics to TensorBoard or W&B (`training.report_to`), or does nothing."""
-    if report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(log_dir))
-
-        def to_tensorboard(metrics: dict[str, Any]) -> None:
-            for name, value in metrics.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(f"rl/{name}", value, metrics["step"])
-            writer.flush()
-
-        return to_tensorboard
-    if report_to == "wandb":
-        import wandb
-
-        wandb.init(project="constitutional", job_type="rl", resume="allow")
-        return lambda metrics: wandb.log(
-            {f"rl/{k}": v for k, v in metrics.items() if k != "step"}, step=metrics["step"]
-        )
-    return lambda metrics: None

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from constitutional import trackers
 from constitutional.errors import UserError, require, require_positive
 from constitutional.records import append_records, conversation, read_records, write_records_atomic
 from constitutional.resume import refuse_unsafe_checkpoint
-from constitutional.rl.held_out import RewardFn, compare_on_held_out, open_tracker, plot_curves
+from constitutional.rl.held_out import RewardFn, compare_on_held_out, plot_curves
 from constitutional.rl.policy import Models, causal_lm, encode, load_models, policy_outputs, reference_logprobs
 from constitutional.rl.rollout import generate, rollout_prompts, short_answers
 from constitutional.sections import runtime
@@ -122,14 +123,13 @@ def run_ppo(
     start = resume(accelerator, checkpoints, kl_control)
     if main:
         _keep_metrics_up_to(metrics_path, start)
-    tracker = open_tracker(training.report_to if main else "none", run_dir.path("rl_tensorboard"))
     processes, rank = accelerator.num_processes, accelerator.process_index
     for step in range(start, options.steps):
         batch = rollout_prompts(prompts["train"], options.rollout_batch_size, step, seed)[rank::processes]
         metrics = ppo_step(accelerator, models, optimizer, kl_control, options, batch, step, seed, reward_fn)
         if main:
             append_records(metrics_path, [metrics])
-            tracker(metrics)
+            trackers.log_step(metrics, metrics["step"])
             log.info(
                 "rl step %d/%d: reward %.3f, kl %.3f, entropy %.3f, value loss %.4f, clip %.3f, length %.1f",
                 step + 1, options.steps, metrics["mean_reward"], metrics["kl"], metrics["entropy"],

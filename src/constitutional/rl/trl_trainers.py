@@ -293,8 +293,7 @@ def dpo_trainer(
     args = DPOConfig(
         output_dir=str(run_dir.checkpoints("rl")), beta=options.dpo_beta, learning_rate=options.learning_rate,
         num_train_epochs=options.dpo_epochs, per_device_train_batch_size=options.minibatch_size,
-        seed=seed, save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=False,
-        **{key: value for key, value in trainer_arguments(training).items() if key != "report_to"},
+        seed=seed, save_strategy="no", logging_steps=1, disable_tqdm=False, **trainer_arguments(training),
     )  # fmt: skip
     return _soft_label_dpo_class()(
         model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
