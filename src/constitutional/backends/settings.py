@@ -86,7 +86,11 @@ class OpenAISettings:
 class VLLMSettings:
     """The in-process vLLM engine (optional extra `vllm`: `pip install -e '.[vllm]'` from a checkout)."""
 
+    # GPUs per engine: tensor parallelism, for a model that does not fit one GPU (a 70B in bf16
+    # needs 2-4 x 80 GB). Engines side by side: data parallelism, one worker process per engine
+    # (`vllm_workers.py`), each batch split between them; dp x tp GPUs must be visible.
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -98,6 +102,7 @@ class VLLMSettings:
 
     def validate(self) -> None:
         require_positive("vllm.tensor_parallel_size", self.tensor_parallel_size)
+        require_positive("vllm.data_parallel_size", self.data_parallel_size)
         require(
             0 < self.gpu_memory_utilization <= 1,
             f"vllm.gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}",

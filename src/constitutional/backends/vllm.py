@@ -103,7 +103,16 @@ class VLLMBackend(Backend):
         return [sums[i * width : (i + 1) * width] for i in range(len(prompts))]
 
 
-def load(model_name: str, settings: VLLMSettings, base_dir: str, seed: int) -> VLLMBackend:
+def load(model_name: str, settings: VLLMSettings, base_dir: str, seed: int) -> Backend:
+    """The `vllm` back end: one engine here, or `vllm.data_parallel_size` engines in worker processes."""
+    if settings.data_parallel_size > 1:
+        from constitutional.backends.vllm_workers import DataParallelVLLM
+
+        return DataParallelVLLM(f"{__name__}:load_engine", model_name, settings, base_dir, seed)
+    return load_engine(model_name, settings, base_dir, seed)
+
+
+def load_engine(model_name: str, settings: VLLMSettings, base_dir: str, seed: int) -> VLLMBackend:
     """Start a vLLM engine for `model_name` (resolved against `base_dir`) with the `vllm` settings."""
     ref = resolve_model_name(model_name, base_dir)
     # What an earlier stage of this process freed may still sit in torch's caching allocator,
