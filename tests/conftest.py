@@ -94,6 +94,9 @@ def tiny_config_data(model_dir: Path, data_dir: Path, **sections: dict) -> dict:
         "data": {"red_team": str(red_team), "helpful": str(helpful)},
         "critique": {"rounds": 2, "max_new_tokens": 8, "temperature": 0.8, "chunk_size": 2, "num_fewshot": 1},
         "transformers": {"dtype": "float32", "batch_size": 4},
+        # fp32 whatever the CPU: the same numbers on every machine (auto picks bf16 where the CPU has
+        # it; tests/test_training.py covers that choice, the embedded pipeline test runs it).
+        "training": {"precision": "fp32"},
         # The last two stages sized for seconds: a few built-in comparisons, two small PPO steps.
         "pm": {"max_human": 32, "batch_size": 8, "max_length": 512, "eval_fraction": 0.25},
         "rl": {"steps": 2, "rollout_batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "lora": {"r": 4}},

@@ -264,6 +264,7 @@ def test_trainer_arguments_on_a_cpu_only_machine(monkeypatch, tmp_path):
     from trl import RewardConfig, SFTConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)  # an AVX2 CPU
     expected = {
         "use_cpu": True,
         "bf16": False,
@@ -276,7 +277,6 @@ def test_trainer_arguments_on_a_cpu_only_machine(monkeypatch, tmp_path):
     assert trainer_arguments(TrainingSettings()) == expected
     assert trainer_arguments(TrainingSettings(gradient_checkpointing=True))["activation_checkpointing"] is True
     assert trainer_arguments(TrainingSettings(device="cpu", precision="fp32")) == expected
-    assert trainer_arguments(TrainingSettings(precision="bf16"))["bf16"] is True  # bf16 autocast on CPU, when asked
     assert trainer_arguments(TrainingSettings(report_to="tensorboard"))["report_to"] == ["tensorboard"]
     for device in ("cuda", "cuda:0"):
         with pytest.raises(UserError, match=f"^training.device: '{device}' asked for, but CUDA is not available"):
@@ -294,3 +294,36 @@ def test_importing_the_module_stays_cheap():
     code = "import sys, constitutional.training; print(sorted({'torch', 'transformers', 'trl'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_auto_precision_is_bf16_where_the_cpu_computes_in_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    native = [True]
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native[0])
+    assert trainer_arguments(TrainingSettings())["bf16"] is True  # AVX512-BF16 or AMX: autocast to bf16
+    assert training.resolved_precision(TrainingSettings()) == "bf16"
+    assert training.resolved_precision(TrainingSettings(precision="fp32")) == "fp32"
+    TrainingSettings(precision="bf16").validate()
+    native[0] = False  # emulated bf16 is slower than fp32: auto stays fp32, and bf16 is refused up front
+    assert trainer_arguments(TrainingSettings())["bf16"] is False
+    assert training.resolved_precision(TrainingSettings()) == "fp32"
+    message = r"^training.precision: bf16 asked for, but this CPU \(no AVX512-BF16 or AMX\) has no native bf16"
+    with pytest.raises(UserError, match=message):
+        TrainingSettings(precision="bf16").validate()
+    with pytest.raises(UserError, match=message):
+        trainer_arguments(TrainingSettings(device="cpu", precision="bf16"))
+
+
+def test_bf16_without_native_bf16_is_refused_before_anything_runs(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    from constitutional.cli import main
+
+    from conftest import cai_error_line, tiny_config_data
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(tiny_config_data(tiny_model_dir, tmp_path, training={"precision": "bf16"})))
+    for command in ("plan", "run"):
+        assert main([command, str(config), "--run-dir", str(tmp_path / "run")]) == 2
+        assert cai_error_line(capsys.readouterr().err).startswith("cai: error: training.precision: bf16 asked for")
+    assert not (tmp_path / "run").exists()

@@ -17,13 +17,14 @@ from typing import Any
 
 import yaml
 
-from constitutional import distributed, hub, trackers
+from constitutional import distributed, hub, memory, trackers
 from constitutional.config import stage_settings
 from constitutional.errors import UserError
 from constitutional.records import read_records
 from constitutional.registry import ARTEFACTS, RECORD_FILES, SHARDABLE, STAGES, TRAINING_STAGES
 from constitutional.rundir import RunDir
 from constitutional.stages import stage_modules
+from constitutional.training import resolved_precision
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
             extra["tracker_run"] = run.stage_entry(name).get("tracker_run") or trackers.new_run_id(name)
         run.start_stage(name, stage_settings(config, module), {**module.input_hashes(inputs), **upstream}, **extra)
         trackers.open_stage(config.training, run.root, name, extra.get("tracker_run"), stage_settings(config, module))
+    memory.reset_peak()
     try:
         counts = module.run(config, settings, run, inputs)
     except BaseException as error:
@@ -161,8 +163,12 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
             trackers.close_stage(run.root, None, failed=True)
             run.fail_stage(name, _describe(error))
         raise
+    finally:
+        peak = memory.peak_rss_mb()
+        memory.release()  # the next stage starts without this one's models
     if not main:
         return
+    run.update_stage(name, peak_rss_mb=peak)
     if run.shard is not None:  # what `cai merge` checks each shard's files against
         records = {
             artefact: len(read_records(run.path(artefact)))
@@ -170,6 +176,8 @@ def _run_stage(config: Any, run: RunDir, module: ModuleType, inputs: Any) -> Non
             if ARTEFACTS[artefact].made_by == name and run.path(artefact).exists()
         }
         run.update_stage(name, records=records)
+    if name in TRAINING_STAGES:  # what `precision: auto` came to on this machine
+        run.update_stage(name, precision=resolved_precision(config.training))
     run.finish_stage(name, counts)
     trackers.close_stage(run.root, counts)
     log.info("%s: done %s", name, counts)
