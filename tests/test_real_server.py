@@ -5,9 +5,14 @@ per feedback prompt on 2 cores), so option scoring is configured as `top_logprob
 `critique` generates through it; `feedback` labels real HH-RLHF comparisons through it, and the
 labels are compared with the `transformers` back end's on the same weights.
 
-Slow (marker `slow`: starting the server and labelling take a few minutes on 2 cores) and needs
-`pip install 'llama-cpp-python[server]'` (builds from source, about 20 minutes on 2 cores); without
-it the test skips with one line. Run it with: `.venv/bin/pytest -m slow tests/test_real_server.py`.
+Slow (marker `slow`, so not in `make test`: about 11 minutes on 2 busy cores, most of it the served
+labels) and needs llama-cpp-python with its `server` extra; without it the test skips with one line.
+`.ci/run` installs it after `make test` and runs this test. It builds from source, about 11 minutes
+on 2 cores with .ci/run's flags (pip keeps the wheel, so only the first install pays):
+
+    export CMAKE_ARGS='-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=OFF'
+    .venv/bin/pip install 'llama-cpp-python[server]==0.3.36'
+    .venv/bin/pytest -m slow tests/test_real_server.py
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed (see module docstring)")
+    pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] not installed (see module docstring)")
     from constitutional.models import embedded_gguf_path
 
     port = free_port()
