@@ -2,15 +2,18 @@
 
     python tests/kill_driver.py run CONFIG --run-dir DIR --stages S      (the arguments of `cai`)
 
-with one of
+with, for a planned kill, one of
 - `CAI_KILL_AT=<module>.<attribute>@<n>`: SIGKILL on entering the n-th call of that function
   (looked up where callers find it: a module attribute or a class method), e.g.
   `torch.save@1` (the first checkpoint's optimizer state, its weights already written),
   `constitutional.training._finish_partial@1` (the model written to `.partial`, not yet renamed),
   `os.replace@2` (`--rerun` moving old outputs, half done);
-- `CAI_KILL_AT=...@<n>:torn`: the same, after appending half a JSON line to the call's first
-  argument (a record file): a write cut short;
-- `CAI_KILL_AFTER_S=<seconds>`: SIGKILL after that long, whatever the process is doing.
+- `CAI_KILL_AT=...@<n>:torn`: the same, after appending half a JSON line (`TORN_LINE`) to the
+  call's first argument (a record file): a write cut short.
+
+Without `CAI_KILL_AT` it is plain `cai`: a kill at a random moment is sent by the campaign itself
+(SIGKILL from the parent, once the manifest says the stage is running), so that it is known to
+land inside the stage, not in Python's or torch's start-up.
 
 SIGKILL gives the process no chance to clean up, exactly like the OOM killer or a lost machine.
 """
@@ -21,9 +24,11 @@ import importlib
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
+
+# What a `:torn` kill leaves at the end of a record file: the start of a record, no newline.
+TORN_LINE = '{"id": "torn-by-the-kill", "prom'
 
 
 def die() -> None:
@@ -58,7 +63,7 @@ def plant(spec: str) -> None:
         if calls == int(count):
             if mode == "torn":  # half a record, as a write cut short by the kill
                 with Path(args[0]).open("a", encoding="utf-8") as handle:
-                    handle.write('{"id": "torn-by-the-kill", "prom')
+                    handle.write(TORN_LINE)
                     handle.flush()
                     os.fsync(handle.fileno())
             die()
@@ -74,10 +79,6 @@ def _is_static(owner: type, name: str) -> bool:
 def main() -> None:
     if os.environ.get("CAI_KILL_AT"):
         plant(os.environ["CAI_KILL_AT"])
-    if os.environ.get("CAI_KILL_AFTER_S"):
-        timer = threading.Timer(float(os.environ["CAI_KILL_AFTER_S"]), die)
-        timer.daemon = True
-        timer.start()
     from constitutional.cli import main as cai
 
     sys.exit(cai(sys.argv[1:]))
