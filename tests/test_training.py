@@ -10,7 +10,7 @@ import trl.trainer.utils as trl_utils
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-from constitutional import training
+from constitutional import devices, training
 from constitutional.errors import UserError
 from constitutional.lm_head import loss_positions_only
 from constitutional.training import SUMMARY, TrainingSettings, trainer_arguments
@@ -65,7 +65,7 @@ def sft_trainer(model_dir, output_dir):
         logging_steps=1,
         disable_tqdm=True,
         seed=0,
-        **trainer_arguments(TrainingSettings(device="cpu")),
+        **trainer_arguments(TrainingSettings(device="cpu", precision="fp32")),  # the weight itself in the matmul
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
@@ -264,7 +264,7 @@ def test_trainer_arguments_on_a_cpu_only_machine(monkeypatch, tmp_path):
     from trl import RewardConfig, SFTConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)  # an AVX2 CPU
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # an AVX2 CPU
     expected = {
         "use_cpu": True,
         "bf16": False,
@@ -299,7 +299,7 @@ def test_importing_the_module_stays_cheap():
 def test_auto_precision_is_bf16_where_the_cpu_computes_in_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     native = [True]
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native[0])
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native[0])
     assert trainer_arguments(TrainingSettings())["bf16"] is True  # AVX512-BF16 or AMX: autocast to bf16
     assert training.resolved_precision(TrainingSettings()) == "bf16"
     assert training.resolved_precision(TrainingSettings(precision="fp32")) == "fp32"
@@ -320,7 +320,7 @@ def test_bf16_without_native_bf16_is_refused_before_anything_runs(monkeypatch, t
     from conftest import cai_error_line, tiny_config_data
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(tiny_config_data(tiny_model_dir, tmp_path, training={"precision": "bf16"})))
     for command in ("plan", "run"):

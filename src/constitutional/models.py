@@ -152,34 +152,95 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_causal_lm(ref: ModelRef, dtype: Any, device: str, trust_remote_code: bool = False) -> Any:
-    """Load a causal LM in `dtype` on `device`, in eval mode."""
+def load_causal_lm(
+    ref: ModelRef, dtype: Any, device: str, trust_remote_code: bool = False, *, for_trainer: bool = False
+) -> Any:
+    """Load a causal LM in `dtype` on `device`, in eval mode.
+
+    Args:
+        ref: the model.
+        dtype: the weights' dtype.
+        device: where the weights go.
+        trust_remote_code: `training.trust_remote_code`.
+        for_trainer: the model goes to a Trainer, which shards it under a sharded launch. Under
+            FSDP's CPU-RAM-efficient loading a process other than its node's first then gets it
+            with its weights on the meta device (see `_from_pretrained`), and leaves it there: a
+            meta tensor has no data to move (accelerate's FSDP preparation fills in its shard).
+    """
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            local_weights_dir(ref), dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        raise UserError(f"model {ref.name!r}: could not load it: {_first_line(error)}") from None
-    return model.to(device).eval()
+    model = _from_pretrained(
+        AutoModelForCausalLM, ref, "could not load it", for_trainer, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return (model if has_meta_weights(model) else model.to(device)).eval()
 
 
 def load_sequence_classifier(ref: ModelRef, trust_remote_code: bool = False) -> Any:
     """Load a model as a one-output sequence classifier (a preference model), fp32 on CPU.
 
     From a causal LM checkpoint the transformer is kept and the vocabulary head dropped; the score
-    head (hidden size -> 1) starts fresh. From a saved PM everything loads as it was.
+    head (hidden size -> 1) starts fresh. From a saved PM everything loads as it was. It is loaded
+    for a Trainer: as `load_causal_lm(for_trainer=True)`, processes other than their node's first
+    get meta weights under FSDP's CPU-RAM-efficient loading.
     """
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    return _from_pretrained(
+        AutoModelForSequenceClassification, ref, "could not load it as a preference model", True,
+        num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+
+
+def _from_pretrained(auto_class: Any, ref: ModelRef, failure: str, for_trainer: bool, **options: Any) -> Any:
+    """`auto_class.from_pretrained(options)`, or, for a Trainer that FSDP fills in, only its skeleton.
+
+    Under ZeRO-3 nothing is needed here: `from_pretrained` builds the model inside
+    `deepspeed.zero.Init` (each process keeps its partition) when the TrainingArguments exist
+    first, which the stages see to. Under FSDP with `fsdp_cpu_ram_efficient_loading` only local
+    rank 0 should read the checkpoint; accelerate's FSDP2 preparation shards the model and
+    broadcasts rank 0's weights. transformers 5 still reads every weight in every process there
+    (huggingface/transformers#43749: 8 x 29 GB of host memory for a 7B in fp32), and leaves a
+    weight missing from the checkpoint (a new score head) on the meta device in the others. So those
+    processes build the model from its config with every parameter on the meta device (no memory;
+    buffers such as rotary frequencies are computed on the CPU as usual, as accelerate re-registers
+    them after sharding).
+
+    Raises:
+        UserError: a checkpoint or config that cannot be read, with `failure` in the message.
+    """
+    directory = local_weights_dir(ref)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            local_weights_dir(ref), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
+        if not (for_trainer and fsdp_loads_on_rank_0_only()) or _is_local_rank_0():
+            return auto_class.from_pretrained(directory, **options)
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        dtype, trust_remote_code = options.pop("dtype"), options.pop("trust_remote_code")
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **options)
+        with init_empty_weights(include_buffers=False):
+            model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.tie_weights()  # as on rank 0: the meta parameters come untied (each one made anew)
+        return model
     except (OSError, ValueError) as error:
-        raise UserError(f"model {ref.name!r}: could not load it as a preference model: {_first_line(error)}") from None
+        raise UserError(f"model {ref.name!r}: {failure}: {_first_line(error)}") from None
+
+
+def fsdp_loads_on_rank_0_only() -> bool:
+    """Whether this is an FSDP launch with CPU-RAM-efficient loading (transformers' own test:
+    ACCELERATE_USE_FSDP and FSDP_CPU_RAM_EFFICIENT_LOADING set, the process group joined)."""
+    from transformers.integrations import is_fsdp_enabled
+
+    return is_fsdp_enabled()
+
+
+def _is_local_rank_0() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def has_meta_weights(model: Any) -> bool:
+    """Whether any parameter of `model` is on the meta device (allocated nowhere)."""
+    return any(parameter.device.type == "meta" for parameter in model.parameters())
 
 
 def _first_line(error: Exception) -> str:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from constitutional.devices import mixed_precision, use_cpu
 from constitutional.distributed import is_main_process, sharding_strategy, wait_for_everyone, world_size
 from constitutional.errors import UserError, require, require_positive
-from constitutional.models import cpu_has_native_bf16
 from constitutional.prompts import plain_chat_template
 from constitutional.trackers import check_report_to
 
@@ -93,7 +93,7 @@ class TrainingSettings:
             )
         check_report_to(self.report_to)
         if self.precision == "bf16":  # refused here, before any model is loaded, where bf16 would be emulated
-            _mixed_precision(self.precision, self.device, _use_cpu(self.device))
+            mixed_precision(self.precision, self.device, use_cpu(self.device))
 
 
 @dataclass
@@ -164,56 +164,17 @@ def trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
     Raises:
         UserError: a device that is not there, or bf16 on a GPU without bf16 support.
     """
-    use_cpu = _use_cpu(settings.device)
-    bf16, fp16 = _mixed_precision(settings.precision, settings.device, use_cpu)
+    on_cpu = use_cpu(settings.device)
+    bf16, fp16 = mixed_precision(settings.precision, settings.device, on_cpu)
     return {
-        "use_cpu": use_cpu,
+        "use_cpu": on_cpu,
         "bf16": bf16,
         "fp16": fp16,
         "activation_checkpointing": settings.gradient_checkpointing,
-        "dataloader_pin_memory": not use_cpu,  # pinned host memory only speeds up copies to a GPU
+        "dataloader_pin_memory": not on_cpu,  # pinned host memory only speeds up copies to a GPU
         "dataloader_num_workers": 0,
         "report_to": [] if settings.report_to == "none" else [settings.report_to],
     }
-
-
-def _use_cpu(device: str) -> bool:
-    """Whether `device` means the CPU; selects GPU N for `cuda:N`."""
-    import torch
-
-    if device == "auto":
-        return not torch.cuda.is_available()
-    if device == "cpu":
-        return True
-    if device == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError("training.device: 'mps' asked for, but this machine has no MPS device")
-        return False
-    if not torch.cuda.is_available():
-        raise UserError(f"training.device: {device!r} asked for, but CUDA is not available")
-    if device.startswith("cuda:"):
-        index, count = int(device[len("cuda:") :]), torch.cuda.device_count()
-        if index >= count:
-            raise UserError(f"training.device: {device!r} asked for, but this machine has {count} GPU(s)")
-        torch.cuda.set_device(index)
-    return False
-
-
-def _mixed_precision(precision: str, device: str, use_cpu: bool) -> tuple[bool, bool]:
-    """(bf16, fp16) for `precision` on the chosen device."""
-    import torch
-
-    on_cuda = not use_cpu and device != "mps"
-    native_bf16 = torch.cuda.is_bf16_supported() if on_cuda else use_cpu and cpu_has_native_bf16()
-    if precision == "auto":
-        return native_bf16, False
-    if precision == "bf16" and not native_bf16:
-        hardware = "this GPU" if on_cuda else "this CPU (no AVX512-BF16 or AMX)" if use_cpu else f"device {device!r}"
-        raise UserError(
-            f"training.precision: bf16 asked for, but {hardware} has no native bf16: it would be emulated, "
-            "slower than fp32 (use auto or fp32)"
-        )
-    return precision == "bf16", precision == "fp16"
 
 
 def resolved_precision(settings: TrainingSettings) -> str:

@@ -319,10 +319,13 @@ def train(training: TrainingSettings, settings: Settings, seed: int, init: Model
     from transformers import set_seed
 
     tokenizer = load_tokenizer(init, training.trust_remote_code)
+    checkpoints = run_dir.checkpoints(NAME)
+    # The RewardConfig before the model, as in stage sl: under ZeRO-3 it sets up the DeepSpeed
+    # config that makes `from_pretrained` build the model partitioned (`deepspeed.zero.Init`).
+    args = reward_config(training, settings, seed, checkpoints)
     set_seed(seed)  # the new score head's initial weights come from the seed: same config, same PM
     model = load_sequence_classifier(init, training.trust_remote_code)
-    checkpoints = run_dir.checkpoints(NAME)
-    trainer = build_trainer(training, settings, seed, model, tokenizer, to_dataset(rows), checkpoints)
+    trainer = build_trainer(training, settings, seed, model, tokenizer, to_dataset(rows), checkpoints, args=args)
     if len(trainer.train_dataset) == 0:
         raise UserError(
             f"{run_dir.path('pm_train')}: all {len(rows)} comparisons are longer than pm.max_length "
@@ -364,7 +367,7 @@ def to_dataset(rows: list[dict[str, Any]]) -> Any:
 
 def build_trainer(
     training: TrainingSettings, settings: Settings, seed: int, model: Any, tokenizer: Any, dataset: Any,
-    output_dir: Path, callbacks: Sequence[Any] = (), soft_labels: bool = True,
+    output_dir: Path, callbacks: Sequence[Any] = (), soft_labels: bool = True, args: Any | None = None,
 ) -> Any:  # fmt: skip
     """A reward trainer with the stage's settings.
 
@@ -379,17 +382,26 @@ def build_trainer(
         callbacks: extra `TrainerCallback`s (benchmarks, tests).
         soft_labels: False gives TRL's stock `RewardTrainer` (hard labels: A is always the chosen
             answer), for the benchmark that compares the two.
+        args: from `reward_config` with the same settings and `output_dir`, made before the model
+            was loaded (see `train`); None: made here.
     """
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
-    args = RewardConfig(
-        **settings.trainer_kwargs(training, seed, output_dir, settings.save_steps, settings.logging_steps)
-    )
+    args = args if args is not None else reward_config(training, settings, seed, output_dir)
     trainer_class = soft_label_trainer_class() if soft_labels else RewardTrainer
     return trainer_class(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=settings.lora.peft_config("SEQ_CLS"), callbacks=list(callbacks),
     )  # fmt: skip
+
+
+def reward_config(training: TrainingSettings, settings: Settings, seed: int, output_dir: Path) -> Any:
+    """The stage's `RewardConfig` (TRL's TrainingArguments): build it before loading the model (see `train`)."""
+    from trl import RewardConfig
+
+    return RewardConfig(
+        **settings.trainer_kwargs(training, seed, output_dir, settings.save_steps, settings.logging_steps)
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -328,9 +328,16 @@ def train(
     """
     import torch
 
+    # The SFTConfig before the model, the order Hugging Face documents for ZeRO-3: under a DeepSpeed
+    # launch it sets up the DeepSpeed config, and with it `from_pretrained` builds the model inside
+    # `deepspeed.zero.Init`, each process keeping only its partition. Loaded first, every process
+    # would hold the whole fp32 model (8 x 29 GB of host memory for a 7B). tests/test_sharded_loading.py
+    # checks it.
+    args = sft_config(training, settings, seed, checkpoints)
     # Master weights stay fp32; bf16 on CUDA runs under autocast (training.precision).
-    model = load_causal_lm(base_model, torch.float32, "cpu", training.trust_remote_code)
-    trainer = build_trainer(training, settings, seed, model, tokenizer, to_dataset(examples), checkpoints, callbacks)
+    model = load_causal_lm(base_model, torch.float32, "cpu", training.trust_remote_code, for_trainer=True)
+    dataset = to_dataset(examples)
+    trainer = build_trainer(training, settings, seed, model, tokenizer, dataset, checkpoints, callbacks, args=args)
     resume = last_complete_checkpoint(checkpoints)
     tokens_before = tokens_seen(resume)
     if resume:
@@ -362,6 +369,7 @@ def build_trainer(
     dataset: Any,
     output_dir: Path,
     callbacks: Sequence[Any] = (),
+    args: Any | None = None,
 ) -> Any:
     """An `SFTTrainer` for prompt/completion data with the stage's settings.
 
@@ -374,24 +382,32 @@ def build_trainer(
         dataset: from `to_dataset`.
         output_dir: where checkpoints go.
         callbacks: extra `TrainerCallback`s.
+        args: from `sft_config` with the same settings and `output_dir`, made before the
+            model was loaded (see `train`); None: made here.
 
     Returns:
         The trainer; its `train_dataset` is tokenized, with labels -100 on prompt tokens.
     """
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    args = SFTConfig(
+    return SFTTrainer(
+        model=model,
+        args=args if args is not None else sft_config(training, settings, seed, output_dir),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=settings.lora.peft_config("CAUSAL_LM"),
+        callbacks=list(callbacks),
+    )
+
+
+def sft_config(training: TrainingSettings, settings: Settings, seed: int, output_dir: Path) -> Any:
+    """The stage's `SFTConfig` (TRL's TrainingArguments): build it before loading the model (see `train`)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
         completion_only_loss=True,
         packing=False,  # one example per row: the paper's setup, and no cross-example attention
         shuffle_dataset=False,  # the examples are shuffled with the seed already; the sampler reshuffles
         # epochs, batch, learning rate, max_length, seeds, checkpoints, logging, device and precision
         **settings.trainer_kwargs(training, seed, output_dir, settings.save_steps, settings.logging_steps),
-    )
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=settings.lora.peft_config("CAUSAL_LM"),
-        callbacks=list(callbacks),
     )
