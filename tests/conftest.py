@@ -58,6 +58,19 @@ def hf_offline(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _fp32_training_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process tests train in fp32 whatever the CPU, so their numbers are the same on every machine.
+
+    `training.precision: auto` picks bf16 on a CPU with AVX512-BF16 or AMX; a test of that choice
+    patches `devices.cpu_has_native_bf16` itself, and the embedded pipeline test (a child process)
+    runs the real choice.
+    """
+    from constitutional import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never reach a hub: anything that tries fails fast instead of waiting on the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

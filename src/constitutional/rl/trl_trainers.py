@@ -21,7 +21,7 @@ from typing import Any
 from constitutional.distributed import is_main_process, world_size
 from constitutional.errors import UserError, require, require_positive
 from constitutional.lm_head import loss_positions_only
-from constitutional.models import load_tokenizer, resolve_model_name
+from constitutional.models import load_causal_lm, load_tokenizer, resolve_model_name
 from constitutional.preference import PreferenceModel
 from constitutional.prompts import render_plain, trim_at_turn_marker
 from constitutional.records import conversation, numbered_records, write_records_atomic
@@ -282,22 +282,27 @@ def _soft_label_dpo_class() -> type:
     return SoftLabelDPOTrainer
 
 
-def dpo_trainer(
-    training: TrainingSettings, seed: int, options: DPOOptions, run_dir: Any, model: Any, tokenizer: Any,
-    pairs: list[dict[str, Any]],
-) -> Any:  # fmt: skip
-    """The soft-label DPO trainer on `pairs` (from `dpo_pairs`), its scratch files under the run's checkpoints."""
-    from datasets import Dataset
+def dpo_config(training: TrainingSettings, seed: int, options: DPOOptions, run_dir: Any) -> Any:
+    """DPO's TrainingArguments, its scratch files under the run's checkpoints (built before the model: ZeRO-3)."""
     from trl import DPOConfig
 
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(run_dir.checkpoints("rl")), beta=options.dpo_beta, learning_rate=options.learning_rate,
         num_train_epochs=options.dpo_epochs, per_device_train_batch_size=options.minibatch_size,
         seed=seed, save_strategy="no", logging_steps=1, disable_tqdm=False, **trainer_arguments(training),
     )  # fmt: skip
+
+
+def dpo_trainer(
+    training: TrainingSettings, seed: int, options: DPOOptions, run_dir: Any, model: Any, tokenizer: Any,
+    pairs: list[dict[str, Any]], args: Any = None,
+) -> Any:  # fmt: skip
+    """The soft-label DPO trainer on `pairs` (from `dpo_pairs`); `args` from `dpo_config` (built here if None)."""
+    from datasets import Dataset
+
     return _soft_label_dpo_class()(
-        model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-        peft_config=options.lora.peft_config("CAUSAL_LM"),
+        model=model, args=args or dpo_config(training, seed, options, run_dir), train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer, peft_config=options.lora.peft_config("CAUSAL_LM"),
     )  # fmt: skip
 
 
@@ -311,7 +316,6 @@ def run_dpo(training: TrainingSettings, seed: int, options: DPOOptions, run_dir:
         UserError: a malformed `pm_train.jsonl`, or one without a comparison left to learn from.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = run_dir.path("pm_train")
     rows = read_comparisons(path)
@@ -321,11 +325,14 @@ def run_dpo(training: TrainingSettings, seed: int, options: DPOOptions, run_dir:
             f"{path}: all {len(rows)} comparisons are ties or within rl.dpo_margin ({options.dpo_margin}) of 0.5; "
             "nothing to learn from"
         )
-    sl_cai = run_dir.path("sl_cai")
-    tokenizer = load_tokenizer(resolve_model_name(str(sl_cai.resolve())), training.trust_remote_code)
+    sl_cai = resolve_model_name(str(run_dir.path("sl_cai").resolve()))
+    tokenizer = load_tokenizer(sl_cai, training.trust_remote_code)
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(str(sl_cai), dtype=torch.float32)
-    trainer = dpo_trainer(training, seed, options, run_dir, model, tokenizer, pairs)
+    # The arguments first, as in sl and pm: under ZeRO-3 the model then loads partitioned, under FSDP
+    # with CPU-RAM-efficient loading on meta outside local rank 0.
+    args = dpo_config(training, seed, options, run_dir)
+    model = load_causal_lm(sl_cai, torch.float32, "cpu", training.trust_remote_code, for_trainer=True).train()
+    trainer = dpo_trainer(training, seed, options, run_dir, model, tokenizer, pairs, args)
     with loss_positions_only() as positions_only:  # the vocabulary head only at the answers' tokens, on CPU too
         result = trainer.train()
     summary = {"algorithm": "dpo", "pairs": len(pairs), "pairs_by_source": dict(Counter(p["source"] for p in pairs)),
