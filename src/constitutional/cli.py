@@ -15,9 +15,10 @@ from constitutional import __version__
 from constitutional.errors import ServiceError, UserError
 from constitutional.registry import STAGES
 
-# Errors of the storage, not of the input or the code: a full disk or quota, a read-only or
-# forbidden run directory. Reported in one line; everything written before stays whole.
-STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# Errors of the storage, not of the input or the code: a full disk or quota, a file-size limit
+# (`ulimit -f`, a file system's largest file), a read-only or forbidden run directory. Reported in
+# one line; everything written before stays whole.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 DESCRIPTION = """\
 Constitutional AI (Bai et al. 2022) end to end: a written constitution instead of human
