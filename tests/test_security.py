@@ -184,3 +184,52 @@ def resolve(path):
     from constitutional.models import resolve_model_name
 
     return resolve_model_name(str(path))
+
+
+def test_an_rl_checkpoint_altered_to_run_code_is_refused_in_one_line_and_models_are_safetensors_only(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """PPO interrupted after its first checkpoint; each pickled part of that checkpoint in turn replaced by a
+    pickle that would run code: the resume is one line naming the checkpoint (exit 2), the code never runs
+    (accelerate alone would skip random states it cannot read and go on). Once the checkpoint is removed,
+    the run finishes, and every model folder (sl-cai, pm, rl-cai) holds safetensors, never a pickle."""
+    import subprocess
+    import sys
+
+    from constitutional.rl import trainer
+
+    data = tiny_config_data(tiny_model_dir, tmp_path, rl={"save_steps": 1})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    config, run = config_from_dict(data, base_dir=tmp_path), RunDir(tmp_path / "run")
+    step, calls = trainer.ppo_step, []
+
+    def interrupted_at_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "ppo_step", interrupted_at_the_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, run.root, ["critique", "sl", "pairs", "feedback", "pm", "rl"])
+    checkpoint, marker = run.checkpoints("rl") / "step-1", tmp_path / "pwned"
+    command = [sys.executable, "-m", "constitutional.cli", "run", str(config_file), "--run-dir", str(run.root),
+               "--stages", "rl"]  # fmt: skip
+    for part in ("optimizer.bin", "random_states_0.pkl"):
+        original = (checkpoint / part).read_bytes()
+        (checkpoint / part).write_bytes(pickle.dumps(_RunsCode(str(marker))))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2, (part, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"cai: error: rl: the checkpoint {checkpoint} cannot be loaded safely"), line
+        assert f"rm -r {checkpoint.parent}" in line and not marker.exists()
+        (checkpoint / part).write_bytes(original)
+
+    shutil.rmtree(checkpoint.parent)  # what the line says to do
+    assert subprocess.run(command, capture_output=True, text=True, timeout=600).returncode == 0
+    for folder in ("sl_cai", "pm", "rl_cai"):
+        files = [path.name for path in run.path(folder).rglob("*") if path.is_file()]
+        assert any(name.endswith(".safetensors") for name in files), (folder, files)
+        assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))], (folder, files)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from constitutional import trackers
 from constitutional.errors import UserError, require, require_positive
 from constitutional.records import append_records, conversation, read_records, write_records_atomic
-from constitutional.resume import refuse_unsafe_checkpoint
+from constitutional.resume import refuse_unloaded_random_states, refuse_unsafe_checkpoint
 from constitutional.rl.held_out import RewardFn, compare_on_held_out, plot_curves
 from constitutional.rl.policy import Models, causal_lm, encode, load_models, policy_outputs, reference_logprobs
 from constitutional.rl.rollout import generate, rollout_prompts, short_answers
@@ -362,7 +362,7 @@ def resume(accelerator: Any, directory: Path, kl_control: Any) -> int:
     if not complete:
         return 0
     state = json.loads((complete[-1] / "state.json").read_text(encoding="utf-8"))
-    with refuse_unsafe_checkpoint("rl", complete[-1]):
+    with refuse_unsafe_checkpoint("rl", complete[-1]), refuse_unloaded_random_states("rl", complete[-1]):
         accelerator.load_state(str(complete[-1]))
     kl_control.value = state["kl_coef"]
     log.info("rl: resuming from %s", complete[-1])
