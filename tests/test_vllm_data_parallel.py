@@ -9,6 +9,7 @@ one engine's.
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import os
@@ -44,12 +45,21 @@ def stand_in_vllm(monkeypatch, tmp_path):
         sys.modules.pop(name, None)  # later tests see the real import (or its absence)
 
 
+def fresh_vllm_backend():
+    """`constitutional.backends.vllm` imported now, against the stand-in (sys.modules has neither: the fixture).
+
+    Not `from constitutional.backends import vllm`: that returns the package's attribute, which may
+    still be a module an earlier test imported against another stand-in.
+    """
+    return importlib.import_module("constitutional.backends.vllm")
+
+
 def engine_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_engines_on_their_own_gpus_answer_as_one_engine(stand_in_vllm, tiny_model_dir, monkeypatch):
-    from constitutional.backends import vllm
+    vllm = fresh_vllm_backend()
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     prompts = [f"Human: question {index}?\n\nAssistant:" for index in range(5)]
@@ -81,7 +91,7 @@ def test_engines_on_their_own_gpus_answer_as_one_engine(stand_in_vllm, tiny_mode
 
 
 def test_more_engines_than_gpus_is_refused_naming_the_keys(stand_in_vllm, tiny_model_dir, monkeypatch):
-    from constitutional.backends import vllm
+    vllm = fresh_vllm_backend()
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     with pytest.raises(UserError, match=r"^vllm.data_parallel_size: 2 engines x vllm.tensor_parallel_size 2 need 4"):
@@ -90,7 +100,7 @@ def test_more_engines_than_gpus_is_refused_naming_the_keys(stand_in_vllm, tiny_m
 
 
 def test_an_engine_that_fails_to_start_stops_the_others(stand_in_vllm, tiny_model_dir, monkeypatch):
-    from constitutional.backends import vllm
+    vllm = fresh_vllm_backend()
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("STAND_IN_VLLM_FAIL_ON", "1")

@@ -24,7 +24,7 @@ from constitutional.records import read_records
 from constitutional.registry import ARTEFACTS, RECORD_FILES, SHARDABLE, STAGES, TRAINING_STAGES
 from constitutional.rundir import RunDir
 from constitutional.stages import stage_modules
-from constitutional.training import resolved_precision
+from constitutional.training import check_precision, resolved_precision
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def plan_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = F
     for name in stages:  # checks that need what the run directory holds
         if hasattr(modules[name], "check_run"):
             modules[name].check_run(config, getattr(config, name), run, stages)
+    if any(name in TRAINING_STAGES and run.stage_status(name) != "done" for name in stages):
+        check_precision(config.training)  # bf16 where this machine would emulate it
     stale = find_stale(config, run, modules, inputs)
     affected = affected_stages(run, stale)
     if stale and not rerun:

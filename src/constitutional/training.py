@@ -92,8 +92,6 @@ class TrainingSettings:
                 "(each process takes the GPU the launcher gives it) or cpu"
             )
         check_report_to(self.report_to)
-        if self.precision == "bf16":  # refused here, before any model is loaded, where bf16 would be emulated
-            mixed_precision(self.precision, self.device, use_cpu(self.device))
 
 
 @dataclass
@@ -175,6 +173,19 @@ def trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "report_to": [] if settings.report_to == "none" else [settings.report_to],
     }
+
+
+def check_precision(settings: TrainingSettings) -> None:
+    """Refuse `precision: bf16` where this machine would emulate it (the plan of a run that trains here).
+
+    Not part of `validate`: a config written for GPUs still loads on a laptop (`cai report` of a
+    copied run); only training it here is refused, before anything is written.
+
+    Raises:
+        UserError: naming the key and the hardware.
+    """
+    if settings.precision == "bf16":
+        mixed_precision(settings.precision, settings.device, use_cpu(settings.device))
 
 
 def resolved_precision(settings: TrainingSettings) -> str:
