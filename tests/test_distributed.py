@@ -205,3 +205,19 @@ def test_shipped_accelerate_configs_launch_what_they_say(monkeypatch):
 
                 plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables, validates them
                 assert plugin.fsdp_version == 2 and "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_a_sharded_launch_without_gpus_is_refused(tmp_path, tiny_model_dir, monkeypatch, variable):
+    """accelerate shards only on GPUs: on CPUs it would train as DDP on weights loaded for sharding (meta
+    outside rank 0 under FSDP), so the plan refuses it in one line naming the launch, before anything is written."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(variable, "true")
+    for stage in ("sl", "pm"):
+        config = config_from_dict(tiny_config_data(tiny_model_dir, tmp_path))
+        refusal = rf"^{stage}: this launch asks .* to shard the weights, but there is no GPU"
+        with pytest.raises(UserError, match=refusal):
+            run_pipeline(config, tmp_path / "run", [stage])
+    assert not (tmp_path / "run").exists()

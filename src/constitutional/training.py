@@ -383,7 +383,9 @@ def check_launch(stage: str, merge_lora: bool) -> None:
         merge_lora: whether the stage would merge a LoRA adapter into the weights when saving.
 
     Raises:
-        UserError: LoRA merging while DeepSpeed ZeRO-3 or FSDP shards the weights.
+        UserError: LoRA merging while DeepSpeed ZeRO-3 or FSDP shards the weights; a sharded launch
+            without GPUs (accelerate shards only on GPUs: it would train as DDP, on weights loaded
+            for sharding).
     """
     strategy = sharding_strategy()
     if strategy and merge_lora:
@@ -391,6 +393,14 @@ def check_launch(stage: str, merge_lora: bool) -> None:
             f"{stage}.lora: merging a LoRA adapter into weights that {strategy} shards over the processes is not "
             f"supported; turn {stage}.lora.enabled off (full fine-tuning) or launch with DDP"
         )
+    if strategy:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"{stage}: this launch asks {strategy} to shard the weights, but there is no GPU, and accelerate "
+                "shards only on GPUs; on CPUs launch with DDP (configs/accelerate/ddp.yaml, or torchrun)"
+            )
 
 
 def save_model_atomic(
