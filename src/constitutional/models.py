@@ -8,6 +8,7 @@ the weights are trainable and savable.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -119,22 +120,26 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """
     if (target / "config.json").exists():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    # The processes of a launch (or two runs) may all find it missing: one converts, the others wait
+    # on the lock and then find it done (without it, each would write the same `.partial`).
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if (target / "config.json").exists():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    log.info("converting %s into %s (once; about two minutes for the embedded model)", gguf, target)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32,
-    )
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.replace(partial, target)
+        log.info("converting %s into %s (once; about a minute for the embedded model)", gguf, target)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, target)
     return target
 
 
