@@ -127,20 +127,25 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if (target / "config.json").exists():
             return target
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
         log.info("converting %s into %s (once; about a minute for the embedded model)", gguf, target)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-        )
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        dequantise(gguf, partial)
         os.replace(partial, target)
     return target
+
+
+def dequantise(gguf: Path, folder: Path) -> None:
+    """Write the GGUF's model (fp32 safetensors) and tokenizer into `folder`, through transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False) -> Any:
