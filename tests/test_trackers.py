@@ -8,6 +8,7 @@ logs to the same run" is: the resumed attempt's folder carries the interrupted a
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def _offline_runs(root: Path) -> dict[str, list[Path]]:
     """{run id: its offline folders, oldest first} under the run directory's logs/wandb."""
     runs: dict[str, list[Path]] = {}
     for folder in sorted((root / "logs" / "wandb").glob("offline-run-*")):
-        runs.setdefault(folder.name.split("-", 3)[-1], []).append(folder)
+        # offline-run-<date>_<time>-<id>, and "-1", "-2"... when two attempts start in the same second
+        run_id = re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z]+-[0-9a-f]{8})(?:-\d+)?", folder.name).group(1)
+        runs.setdefault(run_id, []).append(folder)
     return runs
 
 
