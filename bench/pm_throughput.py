@@ -64,12 +64,7 @@ def main() -> None:
     local_weights_dir(ref)  # converts the embedded GGUF once, outside any timing
     tokenizer = load_tokenizer(ref)
     # More comparisons than needed: TRL drops those longer than max_length; one epoch of S steps is kept.
-    pairs = load_preference_pairs(str(HELPFUL), limit=args.steps * args.batch_size * 3)
-    rows = [
-        {"prompt": p["prompt"], "history": [{"role": r, "text": t} for r, t in p["history"]],
-         "response_a": p["chosen"], "response_b": p["rejected"], "p_a": 1.0}
-        for p in pairs
-    ]  # fmt: skip
+    rows = helpful_rows(args.steps * args.batch_size * 3)
     dataset = pm.to_dataset(rows)
     print(
         f"model {args.model}, batch {args.batch_size} comparisons, max_length {args.max_length}, {args.steps} steps, "
@@ -88,6 +83,15 @@ def main() -> None:
     ratio = speeds[names[1]] / speeds[names[0]]
     print(f"ratio soft-label trainer / stock RewardTrainer: {ratio:.3f} (target >= 0.90)")
     print(json.dumps({**{name: round(speed, 2) for name, speed in speeds.items()}, "ratio": round(ratio, 3)}))
+
+
+def helpful_rows(limit: int) -> list[dict]:
+    """`limit` HH-RLHF helpfulness comparisons as `pm_train.jsonl` rows: the chosen answer is A, p_a = 1."""
+    return [
+        {"prompt": p["prompt"], "history": [{"role": r, "text": t} for r, t in p["history"]],
+         "response_a": p["chosen"], "response_b": p["rejected"], "p_a": 1.0}
+        for p in load_preference_pairs(str(HELPFUL), limit=limit)
+    ]  # fmt: skip
 
 
 def time_run(name, soft, config, ref, tokenizer, dataset, args, output_dir: Path) -> float:

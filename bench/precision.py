@@ -39,13 +39,12 @@ from constitutional.models import (
 )
 from constitutional.records import read_records
 from constitutional.rundir import RunDir
-from constitutional.sources import load_preference_pairs
 from constitutional.stages import pm, rl, sl
 from constitutional.training import resolved_precision
 
 # The sibling benchmarks' data and step timer.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-HELPFUL = importlib.import_module("pm_throughput").HELPFUL
+helpful_rows = importlib.import_module("pm_throughput").helpful_rows
 StepTimer = importlib.import_module("sl_throughput").StepTimer
 synthesise_critiques = importlib.import_module("sl_throughput").synthesise_critiques
 
@@ -115,12 +114,7 @@ def time_sl(config, args: argparse.Namespace, work: Path) -> dict[str, float]:
 def time_pm(config, args: argparse.Namespace, work: Path) -> dict[str, float]:
     ref = resolve_model_name(args.model, os.getcwd())
     tokenizer = load_tokenizer(ref)
-    pairs = load_preference_pairs(str(HELPFUL), limit=args.steps * args.batch_size * 3)
-    rows = [
-        {"prompt": p["prompt"], "history": [{"role": r, "text": t} for r, t in p["history"]],
-         "response_a": p["chosen"], "response_b": p["rejected"], "p_a": 1.0}
-        for p in pairs
-    ]  # fmt: skip
+    rows = helpful_rows(args.steps * args.batch_size * 3)
     timer = StepTimer()
     torch.manual_seed(0)
     model = load_sequence_classifier(ref)
