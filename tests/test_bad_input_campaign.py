@@ -110,8 +110,23 @@ def assert_cai_refused(status: int, stderr: str, message: str) -> None:
     assert stderr == f"cai: error: {message}\n", (stderr[-2000:], message)
 
 
+SCRATCH: list[Path] = []  # this module's scratch root, under pytest's basetemp (pytest cleans it up)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_root(tmp_path_factory):
+    SCRATCH.append(tmp_path_factory.mktemp("fuzz"))
+    yield
+    SCRATCH.clear()
+
+
+def scratch_folder(prefix: str = "cai-fuzz-") -> Path:
+    """A fresh folder for one fuzzed example (hypothesis calls a test many times; tmp_path is one per test)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=SCRATCH[0]))
+
+
 def scratch_file(name: str, content: bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="cai-fuzz-"))
+    folder = scratch_folder()
     path = folder / name
     path.write_bytes(content)
     return path
@@ -292,14 +307,14 @@ PAPER_FILES = ["CritiqueRevisionInstructions.json", "RLMadisonInstructions.json"
     )
 )
 def test_constitution_paper_folder_loader(files, tiny_model_dir):
-    folder = Path(tempfile.mkdtemp(prefix="cai-fuzz-"))
+    folder = scratch_folder()
     for name, content in files.items():
         (folder / name).write_bytes(content)
     loader = "constitution (paper's JSON files)"
     # The refusal names the file of the folder at fault (a malformed one, or one that is missing).
     message = check_loader(loader, lambda: load_constitution(str(folder)), *(folder / name for name in PAPER_FILES))
     if message:
-        data = tiny_config_data(tiny_model_dir, Path(tempfile.mkdtemp(prefix="cai-fuzz-")))
+        data = tiny_config_data(tiny_model_dir, scratch_folder())
         refused_by_cai_run({**data, "constitution": str(folder)}, "critique", loader, message)
 
 
@@ -337,7 +352,7 @@ def refused_by_cai_run(config_data: dict, stages: str, loader: str, message: str
     Args:
         run_dir: an existing run to run `stages` in (left unchanged); default a fresh one (never created).
     """
-    folder = Path(tempfile.mkdtemp(prefix="cai-fuzz-run-"))
+    folder = scratch_folder("cai-fuzz-run-")
     config = folder / "run-config.yaml"
     config.write_text(yaml.safe_dump(config_data), encoding="utf-8")
     target = run_dir or folder / "run"
