@@ -277,3 +277,40 @@ def test_policy_and_reference_log_probabilities_use_the_sampling_temperature(run
     # Policy and reference, in the rollout and in every update: the distribution that sampled.
     assert len(temperatures) > 4 and set(temperatures) == {0.7}
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as its reference, tempered alike
+
+
+class StopBeforeTraining(Exception):
+    pass
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, True), (False, False)])
+def test_the_reward_pm_scores_in_bf16_where_rl_trains_in_bf16(run_dir, monkeypatch, native_bf16, expected):
+    """Frozen, it needs no fp32 master weights: bf16 halves the largest model rl holds that nothing trains."""
+    from constitutional import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+    loaded = []
+
+    def spy(path, **options):
+        loaded.append(options)
+        raise StopBeforeTraining
+
+    monkeypatch.setattr(rl.PreferenceModel, "load", spy)
+    config = config_from_dict({"seed": 1, "training": {"precision": "auto", "device": "cpu"}})
+    with pytest.raises(StopBeforeTraining):
+        rl.run(config, config.rl, run_dir, None)
+    assert loaded[0]["bf16"] is expected and loaded[0]["device"] == "cpu"
+
+
+def test_a_bf16_pm_scores_as_the_fp32_one_does(run_dir):
+    """The same PM in bf16: the same ranking of answers, scores within bf16's rounding."""
+    from constitutional.preference import PreferenceModel
+
+    conversations = [[("human", f"Question {i} about bread?")] for i in range(6)]
+    answers = [f"Answer {i}: " + "bake it " * i for i in range(6)]
+    fp32 = PreferenceModel.load(run_dir.path("pm")).score(conversations, answers)
+    bf16_model = PreferenceModel.load(run_dir.path("pm"), bf16=True)
+    assert next(bf16_model.model.parameters()).dtype == torch.bfloat16
+    bf16 = bf16_model.score(conversations, answers)
+    assert bf16 == pytest.approx(fp32, abs=0.05 * max(1.0, max(map(abs, fp32))))
+    assert sorted(range(6), key=fp32.__getitem__) == sorted(range(6), key=bf16.__getitem__)

@@ -65,13 +65,14 @@ class PreferenceModel:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", **kwargs: Any) -> PreferenceModel:
-        """Load a PM saved by stage `pm` (fp32 on CPU; the caller may move it)."""
+    def load(cls, path: str | Path, device: str = "cpu", bf16: bool = False, **kwargs: Any) -> PreferenceModel:
+        """Load a PM saved by stage `pm`, in fp32 (or bf16: half the memory, for a frozen scorer), on `device`."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).to(device)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype).to(device)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(model, tokenizer, **kwargs)

@@ -258,10 +258,7 @@ def collect_experience(
     timings["scoring_s"] = time.perf_counter() - started
     batch = encode(models.tokenizer, conversations, rollout.token_ids, accelerator.device)
     mask = batch["response_mask"]  # [B, R]
-    with torch.no_grad():
-        # At the sampling temperature: the distribution the answers were drawn from.
-        old_logprobs, _, old_values = policy_outputs(models, batch, temperature=options.temperature)  # [B, R] each
-        ref_logprobs = reference_logprobs(models, batch, options.temperature)  # [B, R]
+    old_logprobs, old_values, ref_logprobs = score_rollout(models, batch, options)  # [B, R] each
     rewards, kl = ppo.token_rewards(
         penalised.to(mask.device), old_logprobs, ref_logprobs, mask, kl_control.value, options.kl_estimator
     )
@@ -274,6 +271,25 @@ def collect_experience(
         "advantages": ppo.masked_whiten(advantages, mask), "returns": returns,
     }  # fmt: skip
     return experience, timings
+
+
+def score_rollout(models: Models, batch: dict[str, Any], options: PPOOptions) -> tuple[Any, Any, Any]:
+    """The policy's log-probabilities and values and the reference's log-probabilities of the rollout [B, R].
+
+    A minibatch at a time, as `optimise` reads them: the logits over the whole vocabulary for every
+    answer token of the whole rollout batch at once would be the step's largest tensors.
+    """
+    import torch
+
+    parts: list[tuple[Any, Any, Any]] = []
+    with torch.no_grad():
+        for begin in range(0, len(batch["response_mask"]), options.minibatch_size):
+            rows = slice(begin, begin + options.minibatch_size)
+            part = {key: value[rows] for key, value in batch.items() if hasattr(value, "shape")}
+            # At the sampling temperature: the distribution the answers were drawn from.
+            logprobs, _, values = policy_outputs(models, part, temperature=options.temperature)
+            parts.append((logprobs, values, reference_logprobs(models, part, options.temperature)))
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def optimise(

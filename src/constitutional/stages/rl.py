@@ -148,8 +148,12 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: None) -
         return run_dpo(config.training, config.seed, settings, run_dir)
     with main_process_first():  # under a launch: written once, then read by every process
         prompts = split_prompts(config, settings, run_dir)
-    device = "cpu" if trainer_arguments(config.training)["use_cpu"] else "cuda"
-    reward_model = PreferenceModel.load(run_dir.path("pm"), device=device, batch_size=settings.score_batch_size)
+    device_args = trainer_arguments(config.training)
+    # The PM only scores here (frozen): in bf16 where training runs in bf16, half the memory of fp32.
+    reward_model = PreferenceModel.load(
+        run_dir.path("pm"), device="cpu" if device_args["use_cpu"] else "cuda", bf16=device_args["bf16"],
+        batch_size=settings.score_batch_size,
+    )  # fmt: skip
     if settings.algorithm in ("rloo", "grpo"):
         summary = run_group(config.training, config.seed, settings.algorithm, settings, run_dir, prompts, reward_model)
         return {**summary, "held_out_source": prompts["held_out_source"]} if summary else summary
