@@ -68,3 +68,45 @@ def test_each_stage_records_its_peak_and_training_stages_their_precision(tiny_mo
         assert run.stage_entry(stage)["peak_rss_mb"] > 100  # torch, transformers and the model
     assert run.stage_entry("sl")["precision"] == "fp32"  # what the tiny config asks for, as used
     assert "precision" not in run.stage_entry("critique")
+
+
+# A 6 MiB block freed (glibc then raises its mmap threshold above 6 MiB), then another allocated:
+# which mapping of /proc/self/maps holds it: the heap, or an anonymous mapping of its own.
+CHILD_LARGE_BLOCK = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    from constitutional import memory
+
+    if sys.argv[1] == "map":
+        memory.map_large_allocations()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 6 * 2**20
+    libc.free(libc.malloc(size))
+    address = libc.malloc(size)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, *fields = line.split()
+            low, high = (int(end, 16) for end in span.split("-"))
+            if low <= address < high:
+                print(json.dumps({"size": high - low, "name": fields[4] if len(fields) > 4 else ""}))
+    """
+)
+
+
+def large_block(mode: str, **environment: str) -> dict:
+    import os
+
+    result = subprocess.run([sys.executable, "-c", CHILD_LARGE_BLOCK, mode], capture_output=True, text=True,
+                            check=True, env={**os.environ, **environment})  # fmt: skip
+    return json.loads(result.stdout)
+
+
+def test_large_allocations_get_a_mapping_of_their_own_that_a_free_returns():
+    """Without it glibc serves the second block from its heap (where frees fragment); with it, from a mapping."""
+    assert large_block("default")["name"] == "[heap]"
+    mapped = large_block("map")
+    assert mapped["name"] == "" and mapped["size"] > 6 * 2**20  # anonymous (it may border another mapping)
+    # A threshold the user set in the environment is theirs: 64 MiB keeps the block on the heap.
+    assert large_block("map", MALLOC_MMAP_THRESHOLD_=str(64 * 2**20))["name"] == "[heap]"

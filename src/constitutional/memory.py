@@ -1,4 +1,4 @@
-"""Host memory between stages: give a finished stage's memory back, and measure each stage's peak.
+"""Host memory: give a finished stage's memory back, keep a stage's own from fragmenting, measure each stage's peak.
 
 One `cai run` process runs the stages one after another. A stage's models are garbage once it
 returns, but reference cycles wait for the collector, and glibc keeps freed heap pages in the
@@ -13,9 +13,31 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import os
 import sys
 
 _STATUS, _CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+LARGE_ALLOCATION = 4 * 2**20  # bytes: allocations at least this large get a mapping of their own
+
+
+def map_large_allocations() -> None:
+    """Give every allocation of 4 MiB or more its own mapping, returned to the OS when it is freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed; after that,
+    training's activations and gradients of a few MiB each come from the heap, where one step's
+    frees leave holes that the next step's shapes do not fit, and the process keeps growing. Measured
+    on `pm` at the quickstart's size (10 steps, bf16 on 2 cores), peak resident memory: 7.26 GB
+    with glibc's default, 6.80 GB with 4 MiB, 6.07 GB with 1 MiB (but 1 MiB made the steps 60%
+    slower: every step faults in fresh pages; 4 MiB costs about 12%). A threshold the environment
+    sets (MALLOC_MMAP_THRESHOLD_) is left alone; nothing happens outside glibc.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):  # a libc without mallopt (musl)
+            ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
 
 
 def release() -> None:

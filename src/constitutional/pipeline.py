@@ -118,6 +118,7 @@ def run_pipeline(config: Any, run_dir: Path, stages: list[str], rerun: bool = Fa
     """
     plan = plan_pipeline(config, run_dir, stages, rerun, shard)
     run = plan.run
+    memory.map_large_allocations()
     distributed.init(config.training.device)
     if distributed.is_main_process():  # under a multi-process launch, only process 0 writes
         if plan.affected:
