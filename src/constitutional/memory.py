@@ -46,16 +46,6 @@ def release() -> None:
     torch = sys.modules.get("torch")  # only if a stage imported it: importing it here would cost memory
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-    return_free_pages()
-
-
-def return_free_pages() -> None:
-    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
-
-    For a phase that leaves holes the next one's shapes do not fit: PPO's rollout grows its KV
-    cache a token at a time, and at the quickstart's size the optimisation that follows peaked 1.7 GB
-    higher on top of those holes (8.5 GB against 6.8 GB with them returned). Costs milliseconds.
-    """
     name = ctypes.util.find_library("c")
     if name and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # a libc without malloc_trim (musl): nothing to ask

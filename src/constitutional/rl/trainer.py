@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from constitutional import memory, trackers
+from constitutional import trackers
 from constitutional.errors import UserError, require, require_positive
 from constitutional.records import append_records, conversation, read_records, write_records_atomic
 from constitutional.resume import refuse_unloaded_random_states, refuse_unsafe_checkpoint
@@ -137,7 +137,6 @@ def run_ppo(
             )  # fmt: skip
         if (step + 1) % options.save_steps == 0 and step + 1 < options.steps:
             save_checkpoint(accelerator, checkpoints, step + 1, kl_control)
-            memory.release()  # the state dicts it serialised
     if not main:  # the other processes of a launch only help train; process 0 evaluates and saves
         return {}
     return _finish(models, options, run_dir, prompts, seed, reward_fn, start, kl_control.value)
@@ -204,7 +203,6 @@ def ppo_step(
     """One PPO iteration on one rollout batch (this process's share of it); returns the step's metrics."""
     started = time.perf_counter()
     experience, timings = collect_experience(accelerator, models, kl_control, options, prompts, step, seed, reward_fn)
-    memory.return_free_pages()  # the rollout's freed KV caches, before the optimisation's larger tensors
     started = time.perf_counter()
     stats = optimise(accelerator, models, optimizer, options, experience, step, seed)
     timings["optimisation_s"] = time.perf_counter() - started

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constitutional import memory
 from constitutional.backends import Backend, SamplingParams
 from constitutional.chunks import append_in_chunks
 from constitutional.comparisons import LabelOptions, label_comparisons, sample_pairs
@@ -224,7 +223,6 @@ def run(config: CoreConfig, settings: Settings, run_dir: RunDir, inputs: Inputs)
         summary = json.loads((model_path / SUMMARY).read_text(encoding="utf-8"))
     else:
         summary = train(config.training, settings, config.seed, init, run_dir)
-        memory.release()  # the trainer, its model and optimizer state, before evaluate loads the saved PM
     if not is_main_process():  # the other processes of a launch only help train
         return {**counts, **summary}
     report = evaluate(settings, run_dir, inputs.harmlessness_eval, config.seed, inputs.helpfulness_eval)
