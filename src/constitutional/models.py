@@ -129,7 +129,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if (target / "config.json").exists():
             return target
-        log.info("converting %s into %s (once; about a minute for the embedded model)", gguf, target)
+        log.info("converting %s into %s (once; about half a minute for the embedded model)", gguf, target)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         dequantise(gguf, partial)
