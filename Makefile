@@ -19,21 +19,24 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyTorch's own index first (PyPI's torch==2.13.0 for Linux x86-64 is the multi-GB CUDA build);
 # `--timeout 5 --retries 0` make an unreachable index fail in seconds, and then the plain
 # `pip install torch==2.13.0` (PyPI, or the wheels pip's own configuration points at) is the fallback.
+# --no-compile: Python compiles a module's bytecode when it is first imported (and keeps it), so only
+# the modules `cai` imports get compiled, not all of torch's and transformers' thousands at install.
+PIP_INSTALL := $(BIN)/pip install --no-compile
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
-	  else $(BIN)/pip install --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) '$(TORCH)' \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP_INSTALL) torch; \
+	  else $(PIP_INSTALL) --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) '$(TORCH)' \
 	    || { echo "PyTorch's CPU index failed: installing $(TORCH) from the default index"; \
-	         $(BIN)/pip install '$(TORCH)'; }; fi; \
+	         $(PIP_INSTALL) '$(TORCH)'; }; fi; \
 	fi
-	$(BIN)/pip install -e .
+	$(PIP_INSTALL) -e .
 	touch $(STAMP)
 
 # What the tests need on top (pytest, ruff, playwright, hypothesis, wandb, tensorboard): `make demo`
 # does not wait for them.
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(DEV_STAMP)
 
 demo: install
