@@ -4,10 +4,11 @@ Each stage opens its model and closes it when it ends, on an error too (`chunks.
 A vLLM engine claims `vllm.gpu_memory_utilization` of the GPU, so one left running would make the
 next stage's engine fail to start. vLLM is not installed here: a stand-in `vllm` module is put in
 `sys.modules` whose `LLM` counts the engines alive (up in `__init__`, down when its shutdown path
-runs or it is deleted). Like vLLM's, it sits in a reference cycle, and automatic garbage collection
-is off while the pipeline runs, as vLLM freezes what its engine allocates out of the collector's
-reach: an engine nobody shuts down stays alive. Real stages run back to back through `cai run`
-with `backend: vllm`; a real tokenizer (the tiny model's) backs `get_tokenizer()`.
+runs or it is deleted). Like vLLM's, it sits in a reference cycle and, as vLLM does once its engine
+is up, it moves every live object out of the collector's reach (`gc.freeze()`), so the collections
+between stages (`memory.release`) cannot free it: an engine nobody shuts down stays alive. Real
+stages run back to back through `cai run` with `backend: vllm`; a real tokenizer (the tiny model's)
+backs `get_tokenizer()`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class CountingLLM:
     alive = 0
     seen: list[int] = []  # the live count each new engine found, itself included
     fail_generate = False  # set by a test: generation raises, as a CUDA error would
+    freezes = True  # moves every live object out of the collector's reach, as vLLM's engine start does
 
     def __init__(self, model: str, **kwargs):
         CountingLLM.alive += 1
@@ -54,6 +56,8 @@ class CountingLLM:
         self.kwargs = kwargs
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
+        if self.freezes:
+            gc.freeze()  # as vLLM does once its engine is up: the collector never reaches the engine again
 
     def _shutdown(self, timeout: float | None = None) -> None:
         self.shutdowns += 1
@@ -88,6 +92,8 @@ class CountingLLM:
 class NoShutdownLLM(CountingLLM):
     """An engine of a vLLM with neither `LLM.shutdown` nor `llm_engine.engine_core`: only deletion frees it."""
 
+    freezes = False  # an engine that only a collection can free is not frozen (else nothing could)
+
     def __init__(self, model: str, **kwargs):
         super().__init__(model, **kwargs)
         del self.llm_engine
@@ -108,6 +114,8 @@ class PublicShutdownLLM(CountingLLM):
 class FailingShutdownLLM(CountingLLM):
     """An engine whose shutdown raises: close must still drop it and not raise."""
 
+    freezes = False
+
     def _shutdown(self, timeout: float | None = None) -> None:
         raise RuntimeError("engine core already dead")
 
@@ -124,6 +132,7 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.delitem(sys.modules, "constitutional.backends.vllm", raising=False)
     yield fake
+    gc.unfreeze()  # what an engine froze goes back to the collector
     # Forget the module bound to the stand-in, so later tests see the real import (or its absence).
     sys.modules.pop("constitutional.backends.vllm", None)
 
