@@ -116,6 +116,9 @@ def report(per_step: list[dict[str, float]], precision: str) -> None:
     for part in parts:
         print(f"{part:45s} {mean[part]:8.2f} {mean[part] / total:6.1%}")
     print("('policy + value forward' holds the two forwards below it; the no-grad policy forward, the reference's)")
+    from constitutional.memory import peak_rss_mb
+
+    print(f"peak RSS of this process (models loaded, {len(per_step)} steps): {peak_rss_mb()} MiB")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from constitutional import devices
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
 from constitutional.records import append_records, read_records
@@ -92,6 +93,21 @@ def test_lora_policy_uses_its_own_weights_without_adapters_as_the_reference(run_
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[1]["kl"] != 0.0
     files = {path.name for path in run_dir.path("rl_cai").iterdir()}
     assert "model.safetensors" in files and "adapter_config.json" not in files  # merged
+
+
+def test_lora_ppo_in_bf16_trains_on_bf16_frozen_weights_and_saves_the_merged_model(run_dir, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # emulated where it is not: a tiny model
+    settings = {"steps": 2, "rollout_batch_size": 8, "minibatch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 12,
+                "save_steps": 100, "lora": {"enabled": True, "r": 4, "alpha": 8}}  # fmt: skip
+    config = config_from_dict({"seed": 1, "rl": settings, "training": {"precision": "bf16", "device": "cpu"}})
+    trainer.run_ppo(config.training, config.seed, config.rl, run_dir, rl.split_prompts(config, config.rl, run_dir),
+                    space_reward)  # fmt: skip
+    history = read_records(run_dir.path("rl_metrics"))
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[1]["kl"] != 0.0
+    saved = AutoModelForCausalLM.from_pretrained(run_dir.path("rl_cai"))
+    sl_cai = AutoModelForCausalLM.from_pretrained(run_dir.path("sl_cai"))
+    changed = [name for name, p in saved.named_parameters() if not torch.equal(p.float(), sl_cai.state_dict()[name])]
+    assert any("proj" in name for name in changed)  # the adapters were merged in
 
 
 class Stop(Exception):
@@ -185,6 +201,52 @@ def test_the_bf16_sampler_gets_the_merged_policy_or_sl_cai(run_dir):
         torch.testing.assert_close(tensor, original[name].to(torch.bfloat16))
     # The policy itself is left as it was: adapters not merged.
     assert not any(getattr(module, "merged", False) for module in policy.causal_lm(models).modules())
+
+
+def test_with_lora_and_bf16_the_frozen_weights_are_bf16_and_never_drift(run_dir, monkeypatch):
+    """bf16 training holds the frozen weights in bf16 and trains fp32 adapters (and the value model's score
+    head); syncing the sampler adds the adapters' update out of place, so the frozen weights stay bit for bit."""
+    config = make_config(lora={"enabled": True, "r": 4, "alpha": 8})
+    monkeypatch.setattr("constitutional.models.cpu_has_native_bf16", lambda: True)  # a bf16 sampler on every CPU
+    models = policy.load_models(run_dir, config.rl.lora, "pm", config.seed, False, False, "cpu", bf16=True)
+    lm, value = policy.causal_lm(models), models.value.model
+    for model in (lm, value):
+        trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        frozen = {name: p.dtype for name, p in model.named_parameters() if not p.requires_grad}
+        assert trained and set(trained.values()) == {torch.float32}, trained
+        assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert any("score" in name for name, p in value.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for name, parameter in lm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    before = {name: p.clone() for name, p in lm.named_parameters() if not p.requires_grad}
+    sampler = models.sampler
+    # Where no adapter changes a weight, the sampler reads the policy's own tensor (an output head too).
+    base = lm.get_base_model()
+    assert sampler.get_input_embeddings().weight is base.get_input_embeddings().weight
+    assert sampler.get_output_embeddings().weight.data_ptr() == base.get_output_embeddings().weight.data_ptr()
+    for _ in range(5):  # five steps' syncs
+        policy.sync_sampler(lm, sampler, lora=True, merge=True)
+    for name, parameter in lm.named_parameters():
+        if not parameter.requires_grad:
+            assert torch.equal(parameter, before[name]), f"{name} drifted"
+    deltas = policy._adapter_deltas(lm.get_base_model())
+    assert deltas
+    # The frozen head gets contiguous hidden states (a strided slice times a weight without gradient
+    # is a batched matmul over copies of the weight in PyTorch: seconds and gigabytes at 262k tokens).
+    seen = []
+    for model in (lm.get_base_model(), sampler):
+        model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    batch = policy.encode(models.tokenizer, [[("human", "How do I bake bread?")]] * 2, [[5, 6], [7]], "cpu")
+    with torch.no_grad():
+        policy.reference_logprobs(models, batch)
+        sampler(input_ids=batch["input_ids"], logits_to_keep=1)
+    assert len(seen) == 2 and all(hidden.is_contiguous() for hidden in seen)
+    sampled = dict(sampler.named_parameters())
+    for name, delta in deltas.items():
+        expected = (before[f"base_model.model.{name}"] + delta).to(torch.bfloat16)
+        assert torch.equal(sampled[name.replace(".base_layer", "")], expected), name
 
 
 # ----------------------------------------------------------------------------- held-out prompts
@@ -286,8 +348,6 @@ class StopBeforeTraining(Exception):
 @pytest.mark.parametrize("native_bf16, expected", [(True, True), (False, False)])
 def test_the_reward_pm_scores_in_bf16_where_rl_trains_in_bf16(run_dir, monkeypatch, native_bf16, expected):
     """Frozen, it needs no fp32 master weights: bf16 halves the largest model rl holds that nothing trains."""
-    from constitutional import devices
-
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     loaded = []
 

@@ -108,8 +108,14 @@ class Models:
 
 
 def load_models(run_dir: Any, lora: Any, value_model: str, seed: int, gradient_checkpointing: bool,
-                trust_remote_code: bool, device: str) -> Models:  # fmt: skip
+                trust_remote_code: bool, device: str, bf16: bool = False) -> Models:  # fmt: skip
     """SL-CAI as the policy (LoRA when `lora.enabled`); the value model from the PM, or a head on the policy.
+
+    With LoRA and bf16 training the frozen weights are held in bf16, as TRL and OpenRLHF load a LoRA
+    policy: autocast multiplies in bf16 anyway, the weights are half the memory (1 GB less for the
+    embedded model, 29 GB less for a 7B), and autocast no longer casts them on every forward. What
+    trains stays fp32 (the adapters, the value model's score head, a policy value head). Without
+    LoRA every weight trains, so they stay fp32 (master weights).
 
     Args:
         run_dir: the run directory (SL-CAI and the PM are read from it).
@@ -119,13 +125,15 @@ def load_models(run_dir: Any, lora: Any, value_model: str, seed: int, gradient_c
         gradient_checkpointing: recompute the policy's activations in the backward pass.
         trust_remote_code: `training.trust_remote_code`.
         device: `cpu` or `cuda` (decides whether a bf16 sampler pays off).
+        bf16: training runs under bf16 autocast (`training.precision`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     set_seed(seed)
     sl_cai = Path(run_dir.path("sl_cai"))
     tokenizer = load_tokenizer(resolve_model_name(str(sl_cai.resolve())), trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(str(sl_cai), dtype=torch.float32)
+    frozen = torch.bfloat16 if lora.enabled and bf16 else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(str(sl_cai), dtype=frozen)
     head, value = None, None
     if value_model == "policy_head":
         # A fresh linear value head on the policy's last hidden state; it shares the policy's body.
@@ -133,7 +141,7 @@ def load_models(run_dir: Any, lora: Any, value_model: str, seed: int, gradient_c
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
     else:
-        value = AutoModelForSequenceClassification.from_pretrained(str(run_dir.path("pm")), dtype=torch.float32)
+        value = AutoModelForSequenceClassification.from_pretrained(str(run_dir.path("pm")), dtype=frozen)
         value.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         # Non-reentrant: it needs no gradient on the inputs, which LoRA's frozen embeddings lack.
@@ -145,15 +153,71 @@ def load_models(run_dir: Any, lora: Any, value_model: str, seed: int, gradient_c
         policy = get_peft_model(policy, lora.peft_config("CAUSAL_LM"))
         if value is not None:
             value = get_peft_model(value, lora.peft_config("SEQ_CLS"))
+        for model in (policy, value):
+            _trainable_in_fp32(model)
     else:
         reference = PolicyModule(copy.deepcopy(policy)).eval().requires_grad_(False)
-    sampler = None
-    if choose_dtype("auto", device) == torch.bfloat16:
-        sampler = AutoModelForCausalLM.from_pretrained(str(sl_cai), dtype=torch.bfloat16).eval()
+    if frozen == torch.bfloat16:
+        _contiguous_head_input(policy.get_base_model())
+    sampler = _bf16_sampler(sl_cai, device, policy if frozen == torch.bfloat16 else None)
     return Models(
         PolicyModule(policy, head), ValueModule(value) if value is not None else None, tokenizer, reference,
         lora.enabled, sampler,
     )  # fmt: skip
+
+
+def _bf16_sampler(sl_cai: Path, device: str, bf16_policy: Any | None) -> Any | None:
+    """A bf16 copy of SL-CAI to sample from, where the hardware has native bf16 (else None).
+
+    Args:
+        sl_cai: the SL-CAI folder.
+        device: `cpu` or `cuda`.
+        bf16_policy: the LoRA policy when its frozen weights are bf16: the sampler then shares them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if choose_dtype("auto", device) != torch.bfloat16:
+        return None
+    sampler = AutoModelForCausalLM.from_pretrained(str(sl_cai), dtype=torch.bfloat16).eval()
+    if bf16_policy is not None:
+        _share_frozen_weights(bf16_policy.get_base_model(), sampler)
+        _contiguous_head_input(sampler)
+    return sampler
+
+
+def _share_frozen_weights(base: Any, sampler: Any) -> None:
+    """Let the sampler use the policy's own bf16 tensors wherever no adapter changes them (the embeddings, the
+    norms): only the LoRA-wrapped weights need a merged copy. For the embedded model that is 0.34 GB less."""
+    for name, parameter in base.named_parameters():
+        if "lora_" in name or ".base_layer." in name or "modules_to_save" in name:
+            continue
+        owner, _, attribute = name.rpartition(".")
+        setattr(sampler.get_submodule(owner), attribute, parameter)
+    sampler.tie_weights()  # a tied output head follows the shared input embeddings
+
+
+def _contiguous_head_input(model: Any) -> None:
+    """Hand the output head contiguous hidden states.
+
+    transformers slices the hidden states for `logits_to_keep` (a strided view) before the head. A
+    strided 3-D input times a weight that needs no gradient (a frozen bf16 head) is multiplied by
+    PyTorch as a batched matmul over copies of the weight: measured on the embedded model's
+    262k-token head for 8 answers, 5.6 s and 8 copies of the head, against 0.2 s for a contiguous
+    input (a weight that needs a gradient takes the fast path either way).
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
+def _trainable_in_fp32(model: Any) -> None:
+    """Trainable parameters in fp32 (the optimizer's master weights); PEFT's copy of the value model's score head
+    (a module it trains in full) would otherwise keep the bf16 of the frozen weights it was copied from."""
+    if model is None:
+        return
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def unwrapped(module: Any) -> Any:
@@ -239,7 +303,10 @@ def sync_sampler(policy: Any, sampler: Any, lora: bool, merge: bool = True) -> N
     """Copy the policy's current weights (LoRA merged in when `merge`, else SL-CAI's) into the bf16 sampler.
 
     Sampling in bf16 is about twice as fast on hardware that has it; a copy per step costs well under
-    a second. The log-probabilities PPO trains on are recomputed in the policy's own precision.
+    a second. The log-probabilities PPO trains on are recomputed by the policy itself. The adapters'
+    update is added on the way (base + delta, rounded once into the sampler), never merged into the
+    policy and taken out again: with frozen weights in bf16, merging and unmerging in place would
+    round them a little further at every step.
 
     Args:
         policy: the causal LM (a PeftModel when `lora`).
@@ -248,13 +315,24 @@ def sync_sampler(policy: Any, sampler: Any, lora: bool, merge: bool = True) -> N
         merge: copy the policy with its adapters merged in (else SL-CAI's own weights).
     """
     with torch.no_grad():
-        if lora and merge:
-            policy.merge_adapter()
         source = policy.get_base_model() if lora else policy
+        deltas = _adapter_deltas(source) if lora and merge else {}
         targets = dict(sampler.named_parameters())
         for name, parameter in source.named_parameters():
             if "lora_" in name:
                 continue
-            targets[name.replace(".base_layer", "")].copy_(parameter)
-        if lora and merge:
-            policy.unmerge_adapter()
+            target, delta = targets[name.replace(".base_layer", "")], deltas.get(name)
+            if target is not parameter:  # a shared frozen tensor is already what the sampler reads
+                target.copy_(parameter if delta is None else parameter + delta)
+
+
+def _adapter_deltas(model: Any) -> dict[str, torch.Tensor]:
+    """{name of a LoRA-wrapped weight: its active adapters' update (scaled B @ A, in the adapters' fp32)}."""
+    deltas = {}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")) or module.disable_adapters:
+            continue
+        active = [adapter for adapter in module.active_adapters if adapter in getattr(module, "lora_A", {})]
+        if active:
+            deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(adapter) for adapter in active)
+    return deltas

@@ -146,12 +146,17 @@ def prepare(training: TrainingSettings, seed: int, options: PPOOptions, run_dir:
     """The accelerator, the models placed (DDP-wrapped under a launch) and their optimizer."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device_args = trainer_arguments(training)
+    # Accelerate keeps one mixed-precision setting per process and refuses another; a Trainer's
+    # arguments reset it before each Trainer, and so does rl (an earlier Accelerator in this process,
+    # a notebook's or a test's, may have had another precision). The process group is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=device_args["use_cpu"], mixed_precision="bf16" if device_args["bf16"] else "no")
     models = load_models(
         run_dir, options.lora, options.value_model, seed, training.gradient_checkpointing, training.trust_remote_code,
-        "cpu" if device_args["use_cpu"] else "cuda",
+        "cpu" if device_args["use_cpu"] else "cuda", bf16=device_args["bf16"],
     )  # fmt: skip
     trained = [models.policy] + ([models.value] if models.value is not None else [])
     parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
