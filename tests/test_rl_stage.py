@@ -42,13 +42,14 @@ def run_ppo(config, run_dir, prompts, reward=space_reward):
     return trainer.run_ppo(config.training, config.seed, config.rl, run_dir, prompts, reward)
 
 
-def make_config(data=None, **rl_settings):
+def make_config(data=None, training=None, **rl_settings):
     settings = {
         "steps": 12, "rollout_batch_size": 8, "minibatch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 12,
         "kl_coef": 0.01, "missing_eos_penalty": 0.0, "empty_answer_penalty": 0.0, "save_steps": 100,
         "lora": {"enabled": False}, **rl_settings,
     }  # fmt: skip
-    return config_from_dict({"seed": 1, "rl": settings, **({"data": data} if data else {})})
+    sections = {"data": data, "training": training}
+    return config_from_dict({"seed": 1, "rl": settings, **{key: value for key, value in sections.items() if value}})
 
 
 def test_ppo_raises_a_known_reward_with_a_bounded_kl(run_dir):
@@ -97,9 +98,8 @@ def test_lora_policy_uses_its_own_weights_without_adapters_as_the_reference(run_
 
 def test_lora_ppo_in_bf16_trains_on_bf16_frozen_weights_and_saves_the_merged_model(run_dir, monkeypatch):
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # emulated where it is not: a tiny model
-    settings = {"steps": 2, "rollout_batch_size": 8, "minibatch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 12,
-                "save_steps": 100, "lora": {"enabled": True, "r": 4, "alpha": 8}}  # fmt: skip
-    config = config_from_dict({"seed": 1, "rl": settings, "training": {"precision": "bf16", "device": "cpu"}})
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    config = make_config(training={"precision": "bf16", "device": "cpu"}, steps=2, lora=lora)
     trainer.run_ppo(config.training, config.seed, config.rl, run_dir, rl.split_prompts(config, config.rl, run_dir),
                     space_reward)  # fmt: skip
     history = read_records(run_dir.path("rl_metrics"))

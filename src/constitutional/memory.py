@@ -32,12 +32,10 @@ def map_large_allocations() -> None:
     slower: every step faults in fresh pages; 4 MiB costs about 12%). A threshold the environment
     sets (MALLOC_MMAP_THRESHOLD_) is left alone; nothing happens outside glibc.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):  # a libc without mallopt (musl)
-            ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+    with contextlib.suppress(OSError, AttributeError):  # no glibc, or a libc without mallopt (musl)
+        _glibc().mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
 
 
 def release() -> None:
@@ -46,10 +44,16 @@ def release() -> None:
     torch = sys.modules.get("torch")  # only if a stage imported it: importing it here would cost memory
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-    name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # a libc without malloc_trim (musl): nothing to ask
-            ctypes.CDLL(name).malloc_trim(0)
+    with contextlib.suppress(OSError, AttributeError):  # no glibc, or a libc without malloc_trim (musl)
+        _glibc().malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL:
+    """The C library on Linux, whose malloc the tuning above is for; OSError elsewhere or when it is not found."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if not name:
+        raise OSError("no C library to tune here")
+    return ctypes.CDLL(name)
 
 
 def reset_peak() -> None:
