@@ -12,6 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
+from constitutional import preference_trainer
 from constitutional.cli import main
 from constitutional.config import config_from_dict
 from constitutional.errors import UserError
@@ -263,6 +264,39 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_co
     resumed_counts, resumed = trained("resumed", interrupt=True)
     assert resumed_counts["resumed_from_step"] == 2 and resumed_counts["steps"] == straight_counts["steps"]
     for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_a_checkpoint_that_trained_the_whole_table_resumes_that_way(tmp_path, make_config, monkeypatch):
+    """An interrupted pm of an earlier version (it trained the whole embedding table) resumed now ends as it would
+    have: its optimizer state is the whole table's, so the resumed run trains the whole table too."""
+
+    def trained(name, interrupt_with_whole_table):
+        run = RunDir(tmp_path / name)
+        config = make_config(separable_data(run, tmp_path), save_steps=2, epochs=1, batch_size=4)
+        inputs = pm.check(config, config.pm)
+        if interrupt_with_whole_table:
+            build = pm.build_trainer
+
+            def with_stop(*args, **kwargs):
+                trainer = build(*args, **kwargs)
+                trainer.add_callback(StopAfterSave())
+                return trainer
+
+            with monkeypatch.context() as patch:
+                patch.setattr(pm, "build_trainer", with_stop)
+                patch.setattr(preference_trainer, "train_used_rows", lambda model, token_ids: None)
+                with pytest.raises(KeyboardInterrupt):
+                    pm.run(config, config.pm, run, inputs)
+        counts = pm.run(config, config.pm, run, inputs)
+        return counts, AutoModelForSequenceClassification.from_pretrained(run.path("pm")).state_dict()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(preference_trainer, "train_used_rows", lambda model, token_ids: None)
+        _, whole = trained("whole", interrupt_with_whole_table=False)
+    counts, resumed = trained("resumed", interrupt_with_whole_table=True)
+    assert counts["resumed_from_step"] == 2
+    for name, tensor in whole.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
 
 
