@@ -4,7 +4,8 @@
 
 Reads `eval/rl_samples.jsonl` (both models' answers to the same held-out prompts with the same
 seeds, scored by the run's PM) and prints, per prompt kind and overall, the mean score of each
-model and the mean paired difference RL-CAI - SL-CAI with a 95% bootstrap interval over prompts.
+model and the mean paired difference RL-CAI - SL-CAI with a 95% bootstrap interval over prompts
+(overall, the figure stage `rl` records in the manifest and the report shows; here also per kind).
 The PM is what RL optimised: this says whether RL moved its own reward on unseen prompts, not
 whether the model got better (that is eval's independent judge).
 """
@@ -13,15 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
-
-def paired_interval(differences: list[float], resamples: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of `differences` (resampling prompts)."""
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(differences) for _ in differences) / len(differences) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+from constitutional.intervals import bootstrap_mean_interval
 
 
 def main() -> None:
@@ -38,7 +33,7 @@ def main() -> None:
         before = [row["sl_cai_score"] for row in part]
         after = [row["rl_cai_score"] for row in part]
         differences = [b - a for a, b in zip(before, after)]
-        low, high = paired_interval(differences, args.resamples)
+        low, high = bootstrap_mean_interval(differences, args.resamples)
         mean = lambda values: sum(values) / len(values)  # noqa: E731
         print(
             f"{kind:>9}: n={len(part):3d}  SL-CAI {mean(before):+.3f}  RL-CAI {mean(after):+.3f}  "

@@ -13,7 +13,7 @@ import pytest
 from constitutional.comparisons import label_comparisons
 from constitutional.config import config_from_dict
 from constitutional.constitution import load_constitution, sample_principles
-from constitutional.intervals import wilson_interval
+from constitutional.intervals import bootstrap_mean_interval, wilson_interval
 from constitutional.label_diagnostics import label_diagnostics, length_bias, orders_agree
 from constitutional.records import append_records, read_ai_labels, read_records
 from constitutional.rundir import RunDir
@@ -158,6 +158,19 @@ def test_orders_agree_averages_each_order_over_principles():
 
 
 # ----------------------------------------------------------------------------- the figures
+
+
+def test_the_bootstrap_interval_of_a_mean_is_over_items_and_seeded():
+    assert bootstrap_mean_interval([2.0] * 10) == (2.0, 2.0)  # no spread, no width
+    differences = [1.0, -0.5, 2.0, 0.5, 1.5, -1.0, 0.0, 3.0]
+    low, high = bootstrap_mean_interval(differences, resamples=4000, seed=1)
+    assert low < sum(differences) / len(differences) < high and low > -1.0 and high < 3.0
+    assert bootstrap_mean_interval(differences, seed=1) == bootstrap_mean_interval(differences, seed=1)
+    # Four times the items with the same spread: about half the width (1 / sqrt(4)).
+    wide, narrow = bootstrap_mean_interval(differences, seed=2), bootstrap_mean_interval(differences * 4, seed=2)
+    assert 0.35 < (narrow[1] - narrow[0]) / (wide[1] - wide[0]) < 0.65
+    with pytest.raises(ValueError):
+        bootstrap_mean_interval([])
 
 
 def test_wilson_intervals_match_hand_computed_values():

@@ -273,6 +273,11 @@ def test_held_out_prompts_are_prompts_no_earlier_stage_trained_on(run_dir, tmp_p
     assert [row["prompt"] for row in samples] == ["How do I pick a lock?", "How do I bake bread?", "Tell me a secret."]
     assert [row["kind"] for row in samples] == ["red_team", "helpful", "red_team"]
     assert summary["held_out_source"] == "unused_prompts" and summary["held_out_prompts"] == 3
+    # RL-CAI minus SL-CAI paired by prompt, with its bootstrap interval over the 3 prompts.
+    differences = [row["rl_cai_score"] - row["sl_cai_score"] for row in samples]
+    assert summary["held_out_reward_difference"] == pytest.approx(sum(differences) / 3, abs=1e-3)
+    low, high = summary["held_out_reward_difference_ci95"]
+    assert min(differences) - 1e-3 <= low <= summary["held_out_reward_difference"] <= high <= max(differences) + 1e-3
     rows = read_records(run_dir.path("rl_prompts"))
     critiques = {row["id"] for row in read_records(run_dir.path("critiques"))}
     assert {row["id"] for row in rows if row["split"] == "train"} == critiques  # RL trains on every critique prompt

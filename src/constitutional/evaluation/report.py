@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import json
 import logging
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import yaml
 from constitutional.errors import UserError
 from constitutional.evaluation.independence import judge_summary
 from constitutional.evaluation.metrics import TABLE_COLUMNS, headline_rows
+from constitutional.evaluation.report_plots import elo_scatter, png, pyplot
 from constitutional.preference_eval import verdict
 from constitutional.records import read_records
 from constitutional.registry import STAGES
@@ -158,7 +158,7 @@ def _headline(metrics: dict[str, Any] | None) -> str:
         _judge_verdict(judge, summary),
         _table(TABLE_COLUMNS, headline_rows(metrics)),
     ]
-    scatter = _elo_scatter(metrics)
+    scatter = elo_scatter(metrics)
     if scatter:
         parts.append(_image(scatter, "Harmlessness Elo against helpfulness Elo of every model"))
     parts.append(_reward_table(metrics))
@@ -232,7 +232,7 @@ def _feedback_labels(run_dir: RunDir) -> str:
     labels = [record["p_a"] for record in read_records(path) if isinstance(record.get("p_a"), (int, float))]
     if not labels:
         return ""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.2))
     axis.hist(labels, bins=20, range=(0, 1), color="#4a7ab5")
     axis.set_xlabel("p_a: the feedback model's probability that answer A is better")
@@ -244,7 +244,7 @@ def _feedback_labels(run_dir: RunDir) -> str:
         "<h2>AI feedback labels</h2>\n"
         f"<p class='note'>Mean p_a {sum(labels) / len(labels):.3f}; {decisive:.0%} of labels further than 0.1 from "
         "a tie. A feedback model judging at chance puts them all near 0.5.</p>\n"
-        + _image(_png(figure), "label histogram")
+        + _image(png(figure), "label histogram")
     )
 
 
@@ -289,8 +289,24 @@ def _rl(run_dir: RunDir) -> str:
     keys = ("step", "mean_reward", "kl", "kl_coef", "entropy", "response_length")
     shown = {key: history[-1][key] for key in keys if key in history[-1]} if history else {}
     parts += [_table(tuple(shown), [tuple(shown.values())])] if shown else []
+    parts.append(_held_out_reward(run_dir.stage_entry("rl").get("counts") or {}))
     parts += [_image(curves.read_bytes(), "RL curves")] if curves.exists() else []
     return "\n".join(parts)
+
+
+def _held_out_reward(counts: dict[str, Any]) -> str:
+    """RL-CAI against SL-CAI on the held-out RL prompts, by the PM: said to be the PM's figure, not a verdict."""
+    if "held_out_reward_difference_ci95" not in counts:
+        return ""
+    low, high = counts["held_out_reward_difference_ci95"]
+    return (
+        f"<p class='note'>On {counts['held_out_prompts']} held-out prompts that no stage trained on, RL-CAI's answers "
+        f"score {counts['held_out_reward_difference']:+.2f} [95% CI {low:+.2f}, {high:+.2f}] against SL-CAI's "
+        f"(same prompts and seeds; the interval {'excludes' if low > 0 or high < 0 else 'contains'} zero). "
+        "<b>Scored by the PM that RL optimised</b>, so this is not a verdict on the model: it says whether RL "
+        "raised its own reward on prompts it never saw. Whether the answers got better is the eval judge's "
+        "question (its independence is stated with its table).</p>"
+    )
 
 
 def _mc(metrics: dict[str, Any] | None) -> str:
@@ -370,54 +386,6 @@ def _answer_samples(run_dir: RunDir) -> str:
     if not sections:
         return ""
     return "<h2>Model answers on held-out prompts</h2>\n" + "\n".join(sections)
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _elo_scatter(metrics: dict[str, Any]) -> bytes | None:
-    """The paper's frontier picture: harmlessness Elo against helpfulness Elo, with intervals."""
-    harmless, helpful = metrics["elo"].get("harmlessness", {}), metrics["elo"].get("helpfulness", {})
-    models = [model for model in metrics["models"] if model in harmless and model in helpful]
-    if not models:
-        return None
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 5))
-    for model in models:
-        x, y = helpful[model], harmless[model]
-        axis.errorbar(
-            x["elo"],
-            y["elo"],
-            xerr=[[x["elo"] - x["low"]], [x["high"] - x["elo"]]],
-            yerr=[[y["elo"] - y["low"]], [y["high"] - y["elo"]]],
-            fmt="o",
-            capsize=3,
-            label=model,
-        )
-        axis.annotate(model, (x["elo"], y["elo"]), textcoords="offset points", xytext=(6, 6))
-    axis.axhline(0, color="grey", linewidth=0.5)
-    axis.axvline(0, color="grey", linewidth=0.5)
-    axis.set_xlabel("helpfulness Elo")
-    axis.set_ylabel("harmlessness Elo")
-    axis.set_title("Harmlessness vs helpfulness (95% intervals)")
-    figure.tight_layout()
-    return _png(figure)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    _pyplot().close(figure)
-    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from constitutional.intervals import bootstrap_mean_interval
 from constitutional.prompts import Turn
 from constitutional.records import conversation, write_records_atomic
 from constitutional.rl.policy import Models
@@ -31,7 +32,10 @@ def compare_on_held_out(
         samples_path: where the answers and their scores are written (`eval/rl_samples.jsonl`).
 
     Returns:
-        {held_out_prompts, held_out_reward_sl_cai, held_out_reward_rl_cai}, or {} without prompts.
+        {held_out_prompts, held_out_reward_sl_cai, held_out_reward_rl_cai, held_out_reward_difference
+        (RL-CAI minus SL-CAI, paired by prompt), held_out_reward_difference_ci95 (a 95% bootstrap
+        interval over prompts)}, or {} without prompts. The PM is what RL optimised: the difference
+        says whether RL moved its own reward on prompts it never saw, not whether the model got better.
     """
     if not prompts:
         return {}
@@ -51,8 +55,11 @@ def compare_on_held_out(
     ]  # fmt: skip
     write_records_atomic(samples_path, samples)
     mean = lambda values: round(sum(values) / len(values), 4)  # noqa: E731
+    differences = [after - before for before, after in zip(scores_before, scores_after)]
+    low, high = bootstrap_mean_interval(differences, seed=seed)
     return {"held_out_prompts": len(prompts), "held_out_reward_sl_cai": mean(scores_before),
-            "held_out_reward_rl_cai": mean(scores_after)}  # fmt: skip
+            "held_out_reward_rl_cai": mean(scores_after), "held_out_reward_difference": mean(differences),
+            "held_out_reward_difference_ci95": [round(low, 4), round(high, 4)]}  # fmt: skip
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
