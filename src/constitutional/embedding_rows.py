@@ -6,7 +6,8 @@ zero gradient at every step, hence zero moments and a zero update: training only
 uses is the same optimisation as training the whole table. The Trainer then keeps gradients and
 two AdamW moments for those rows alone. For the embedded model (262,144 tokens x 640, 63% of the
 PM's parameters) that is 2 GB of fp32 the full fine-tune no longer holds, and its steps are a
-quarter quicker (the quickstart's PM: a peak of 5.0 GB instead of 6.9 GB, `docs/benchmarks.md`).
+fifth quicker (the quickstart's `pm` in a fresh process: a peak of 5.1 GB instead of 7.2 GB,
+training 64 s instead of 83 s; `docs/benchmarks.md`).
 
 How: the table is frozen and a trainable `used_row_update` ([used rows + 1, width], zeros) sits
 beside it on the embedding module; a forward hook adds the update of each token's row to the
