@@ -1,6 +1,7 @@
 """Stage `rl` on the tiny model: PPO raises a known reward with a bounded KL, resumes exactly, keeps
 its metrics; missing inputs are one-line errors (DPO, RLOO and GRPO: tests/test_rl_trl.py)."""
 
+import itertools
 import shutil
 
 import pytest
@@ -32,6 +33,9 @@ def run_dir(tmp_path, tiny_model_dir):
     ]  # fmt: skip
     append_records(run.path("critiques"), prompts)
     shutil.copytree(tiny_model_dir, run.path("sl_cai"))
+    # The PM's new score head (and so PPO's value model, initialised from it) comes from the global
+    # RNG: seeded, every test starts from the same PM whatever ran before it in the session.
+    torch.manual_seed(0)
     pm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     pm.save_pretrained(run.path("pm"))
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(run.path("pm"))
@@ -368,7 +372,7 @@ def test_the_reward_pm_scores_in_bf16_where_rl_trains_in_bf16(run_dir, monkeypat
 
 
 def test_a_bf16_pm_scores_as_the_fp32_one_does(run_dir):
-    """The same PM in bf16: the same ranking of answers, scores within bf16's rounding."""
+    """The same PM in bf16: scores within bf16's rounding, the same order of answers that are further apart."""
     from constitutional.preference import PreferenceModel
 
     conversations = [[("human", f"Question {i} about bread?")] for i in range(6)]
@@ -378,4 +382,6 @@ def test_a_bf16_pm_scores_as_the_fp32_one_does(run_dir):
     assert next(bf16_model.model.parameters()).dtype == torch.bfloat16
     bf16 = bf16_model.score(conversations, answers)
     assert bf16 == pytest.approx(fp32, abs=0.05 * max(1.0, max(map(abs, fp32))))
-    assert sorted(range(6), key=fp32.__getitem__) == sorted(range(6), key=bf16.__getitem__)
+    # Answers nearer than bf16's rounding (about 0.001 here) may swap; those further apart may not.
+    apart = [(i, j) for i, j in itertools.combinations(range(6), 2) if abs(fp32[i] - fp32[j]) > 0.01]
+    assert len(apart) >= 5 and all((fp32[i] < fp32[j]) == (bf16[i] < bf16[j]) for i, j in apart)
