@@ -239,29 +239,37 @@ class StopAfterSave(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_config, monkeypatch):
-    def trained(name, interrupt):
-        run = RunDir(tmp_path / name)
-        config = make_config(separable_data(run, tmp_path), save_steps=2, epochs=1, batch_size=4)
-        inputs = pm.check(config, config.pm)
-        if interrupt:
-            build = pm.build_trainer
+def trained_pm(tmp_path, make_config, monkeypatch, name, interrupt=False, whole_table=False):
+    """Stage pm on separable data in run `name`, interrupted after its step-2 checkpoint and run again if asked.
 
-            def with_stop(*args, **kwargs):
-                trainer = build(*args, **kwargs)
-                trainer.add_callback(StopAfterSave())
-                return trainer
+    With `whole_table` the interrupted part trains the whole embedding table, as the version before
+    `embedding_rows.py` did. Returns the last run's counts and the saved PM's state dict.
+    """
+    run = RunDir(tmp_path / name)
+    config = make_config(separable_data(run, tmp_path), save_steps=2, epochs=1, batch_size=4)
+    inputs = pm.check(config, config.pm)
+    if interrupt:
+        build = pm.build_trainer
 
-            monkeypatch.setattr(pm, "build_trainer", with_stop)
+        def with_stop(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            trainer.add_callback(StopAfterSave())
+            return trainer
+
+        with monkeypatch.context() as patch:
+            patch.setattr(pm, "build_trainer", with_stop)
+            if whole_table:
+                patch.setattr(preference_trainer, "train_used_rows", lambda model, token_ids: None)
             with pytest.raises(KeyboardInterrupt):
                 pm.run(config, config.pm, run, inputs)
-            monkeypatch.setattr(pm, "build_trainer", build)
-            assert (run.checkpoints("pm") / "checkpoint-2").is_dir() and not run.path("pm").exists()
-        counts = pm.run(config, config.pm, run, inputs)
-        return counts, AutoModelForSequenceClassification.from_pretrained(run.path("pm")).state_dict()
+        assert (run.checkpoints("pm") / "checkpoint-2").is_dir() and not run.path("pm").exists()
+    counts = pm.run(config, config.pm, run, inputs)
+    return counts, AutoModelForSequenceClassification.from_pretrained(run.path("pm")).state_dict()
 
-    straight_counts, straight = trained("straight", interrupt=False)
-    resumed_counts, resumed = trained("resumed", interrupt=True)
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_config, monkeypatch):
+    straight_counts, straight = trained_pm(tmp_path, make_config, monkeypatch, "straight")
+    resumed_counts, resumed = trained_pm(tmp_path, make_config, monkeypatch, "resumed", interrupt=True)
     assert resumed_counts["resumed_from_step"] == 2 and resumed_counts["steps"] == straight_counts["steps"]
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
@@ -270,31 +278,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_co
 def test_a_checkpoint_that_trained_the_whole_table_resumes_that_way(tmp_path, make_config, monkeypatch):
     """An interrupted pm of an earlier version (it trained the whole embedding table) resumed now ends as it would
     have: its optimizer state is the whole table's, so the resumed run trains the whole table too."""
-
-    def trained(name, interrupt_with_whole_table):
-        run = RunDir(tmp_path / name)
-        config = make_config(separable_data(run, tmp_path), save_steps=2, epochs=1, batch_size=4)
-        inputs = pm.check(config, config.pm)
-        if interrupt_with_whole_table:
-            build = pm.build_trainer
-
-            def with_stop(*args, **kwargs):
-                trainer = build(*args, **kwargs)
-                trainer.add_callback(StopAfterSave())
-                return trainer
-
-            with monkeypatch.context() as patch:
-                patch.setattr(pm, "build_trainer", with_stop)
-                patch.setattr(preference_trainer, "train_used_rows", lambda model, token_ids: None)
-                with pytest.raises(KeyboardInterrupt):
-                    pm.run(config, config.pm, run, inputs)
-        counts = pm.run(config, config.pm, run, inputs)
-        return counts, AutoModelForSequenceClassification.from_pretrained(run.path("pm")).state_dict()
-
     with monkeypatch.context() as patch:
         patch.setattr(preference_trainer, "train_used_rows", lambda model, token_ids: None)
-        _, whole = trained("whole", interrupt_with_whole_table=False)
-    counts, resumed = trained("resumed", interrupt_with_whole_table=True)
+        _, whole = trained_pm(tmp_path, make_config, monkeypatch, "whole")
+    counts, resumed = trained_pm(tmp_path, make_config, monkeypatch, "resumed", interrupt=True, whole_table=True)
     assert counts["resumed_from_step"] == 2
     for name, tensor in whole.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
